@@ -1,0 +1,1 @@
+"""Lightning callbacks of lightning-plugins (installed as ``lightning_plugins.callbacks``)."""

@@ -1,0 +1,72 @@
+"""FP8 numerics for training (pure torch; no Lightning): the MS-AMP recipe with a CPU emulation.
+
+* formats: :data:`E4M3` (max 448), :data:`E5M2` (max 57344), :data:`FP16` (for scaled optimizer states).
+* scaling: :func:`pow2_scale`, :class:`ScalingState` (amax history, JIT warm-up, delayed scaling),
+  :func:`frozen_scaling` (evaluation records nothing).
+* quantize: :func:`quantize` / :func:`quantize_with_state` (saturating, non-finite flag computed
+  before the cast), :func:`dequantize`, :class:`ScaledTensor`.
+* GEMM backends: :func:`get_backend` with ``"auto"``, ``"torch"``, ``"emulated"``, ``"te"``.
+* :class:`FP8Linear`, :func:`convert_to_fp8`, :class:`ScalingRegistry`, and the FP8 weight-gradient
+  side channel (:func:`get_fp8_grad`, :func:`clear_fp8_grads`).
+"""
+
+from lightning_plugins.fp8.convert import (
+    DEFAULT_EXCLUDE,
+    ConversionReport,
+    LayerDecision,
+    convert_to_fp8,
+    matches_pattern,
+)
+from lightning_plugins.fp8.formats import E4M3, E5M2, FORMATS, FP16, FloatFormat, get_format
+from lightning_plugins.fp8.gemm import (
+    BACKENDS,
+    EmulatedBackend,
+    GemmBackend,
+    TEBackend,
+    TorchBackend,
+    get_backend,
+    resolve_backend_name,
+)
+from lightning_plugins.fp8.linear import SCALING_ROLES, WGRAD_MODES, FP8Linear
+from lightning_plugins.fp8.quantize import ScaledTensor, dequantize, quantize, quantize_with_state, tensor_amax
+from lightning_plugins.fp8.registry import ScalingRegistry
+from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling, pow2_scale, scaling_frozen
+from lightning_plugins.fp8.wgrad import clear_fp8_grads, fp8_grad_params, get_fp8_grad, set_fp8_grad
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_EXCLUDE",
+    "E4M3",
+    "E5M2",
+    "FORMATS",
+    "FP16",
+    "SCALING_ROLES",
+    "WGRAD_MODES",
+    "ConversionReport",
+    "EmulatedBackend",
+    "FP8Linear",
+    "FloatFormat",
+    "GemmBackend",
+    "LayerDecision",
+    "ScaledTensor",
+    "ScalingRegistry",
+    "ScalingState",
+    "TEBackend",
+    "TorchBackend",
+    "clear_fp8_grads",
+    "convert_to_fp8",
+    "dequantize",
+    "fp8_grad_params",
+    "frozen_scaling",
+    "get_backend",
+    "get_fp8_grad",
+    "get_format",
+    "matches_pattern",
+    "pow2_scale",
+    "quantize",
+    "quantize_with_state",
+    "resolve_backend_name",
+    "scaling_frozen",
+    "set_fp8_grad",
+    "tensor_amax",
+]

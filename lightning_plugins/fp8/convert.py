@@ -1,0 +1,263 @@
+"""Swap ``nn.Linear`` layers for :class:`FP8Linear` in place, with a filter, exclusions and a report."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_plugins.fp8.gemm import check_backend_name
+from lightning_plugins.fp8.linear import WGRAD_MODES, FP8Linear
+
+__all__ = ["DEFAULT_EXCLUDE", "LayerDecision", "ConversionReport", "convert_to_fp8", "matches_pattern"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What :func:`convert_to_fp8` did with one linear layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    status: str  # "converted", "already FP8", or "skipped"
+    reason: str = ""
+
+
+@dataclass
+class ConversionReport:
+    """Outcome of :func:`convert_to_fp8`: one :class:`LayerDecision` per linear layer."""
+
+    decisions: list[LayerDecision] = field(default_factory=list)
+    unmatched_exclude: tuple[str, ...] = ()
+
+    @property
+    def converted(self) -> list[LayerDecision]:
+        """Layers swapped by this call."""
+        return [d for d in self.decisions if d.status == "converted"]
+
+    @property
+    def already_fp8(self) -> list[LayerDecision]:
+        """Layers that were FP8Linear before this call."""
+        return [d for d in self.decisions if d.status == "already FP8"]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        """Layers left as they were, each with its reason."""
+        return [d for d in self.decisions if d.status == "skipped"]
+
+    def table(self) -> str:
+        """A plain-text table: layer, shape, status and reason."""
+        header = (
+            f"FP8 conversion: {len(self.converted)} converted, {len(self.already_fp8)} already FP8, "
+            f"{len(self.skipped)} skipped"
+        )
+        rows = [("layer", "in", "out", "status", "reason")]
+        rows += [
+            (d.name or "<root>", str(d.in_features), str(d.out_features), d.status, d.reason) for d in self.decisions
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [header]
+        for r in rows:
+            lines.append("  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)) + ("  " + r[4] if r[4] else ""))
+        if self.unmatched_exclude:
+            lines.append(f"exclude patterns that matched no linear layer: {list(self.unmatched_exclude)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def matches_pattern(name: str, pattern: str) -> bool:
+    """Does the module name ``name`` match an exclusion ``pattern``?
+
+    A pattern with ``*``, ``?`` or ``[`` is an ``fnmatch`` glob over the full dotted name.
+    Otherwise it matches whole dotted components: ``"lm_head"`` matches ``"lm_head"`` and
+    ``"model.lm_head"`` (and everything below ``lm_head``), but ``"head"`` does not match ``"lm_head"``.
+    """
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    parts, sub = name.split("."), pattern.split(".")
+    return any(parts[i : i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1))
+
+
+def _normalize_exclude(exclude: str | Iterable[str] | None) -> tuple[str, ...]:
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        patterns = tuple(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a string or an iterable of strings, got {type(exclude).__name__}.") from None
+    bad = [p for p in patterns if not isinstance(p, str) or not p]
+    if bad:
+        raise TypeError(f"exclude patterns must be non-empty strings, got {bad!r}.")
+    return patterns
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    return any(
+        getattr(mod, attr, None)
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
+
+
+def _skip_reason(
+    name: str,
+    mod: nn.Linear,
+    patterns: tuple[str, ...],
+    matched: set[str],
+    module_filter_fn: Callable[[nn.Module, str], bool] | None,
+    owners: dict[int, list[tuple[int, str]]],
+    dim_multiple: int,
+) -> str:
+    hits = [p for p in patterns if matches_pattern(name, p)]
+    matched.update(hits)
+    if hits:
+        return f"excluded by pattern {hits[0]!r}"
+    if module_filter_fn is not None and not module_filter_fn(mod, name):
+        return "module_filter_fn returned False"
+    if getattr(mod, "use_fp32_linear", False):
+        return "opt-out attribute use_fp32_linear=True"
+    if type(mod) is not nn.Linear:
+        return f"{type(mod).__name__} is a subclass of nn.Linear; only plain nn.Linear is converted"
+    for pname in ("weight", "bias"):
+        param = getattr(mod, pname)
+        others = [fqn for owner, fqn in owners.get(id(param), ()) if owner != id(mod)] if param is not None else []
+        if others:
+            return f"tied {pname} (shared with {', '.join(others)})"
+    for dim_name in ("in_features", "out_features"):
+        dim = getattr(mod, dim_name)
+        if dim % dim_multiple:
+            return f"{dim_name}={dim} is not a multiple of {dim_multiple}"
+    if mod.weight.dtype not in _COMPUTE_DTYPES:
+        return f"weight dtype {mod.weight.dtype} is not fp32/bf16/fp16"
+    if _has_hooks(mod):
+        return "has forward/backward hooks; register them after conversion"
+    return ""
+
+
+def convert_to_fp8(
+    module: nn.Module,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
+    *,
+    dim_multiple: int = 16,
+    backend: str = "auto",
+    amax_history_len: int = 16,
+    margin: int = 0,
+    wgrad_mode: str = "dequantized",
+    use_fast_accum: bool = True,
+    log_table: bool = True,
+) -> ConversionReport:
+    """Replace eligible ``nn.Linear`` layers of ``module`` by :class:`FP8Linear`, in place.
+
+    A layer is converted when it is a plain ``nn.Linear`` that no ``exclude`` pattern matches,
+    ``module_filter_fn(layer, name)`` accepts, has no tied weight/bias, has ``in_features`` and
+    ``out_features`` divisible by ``dim_multiple``, an fp32/bf16/fp16 weight, no hooks, and no
+    ``use_fp32_linear = True`` attribute. Parameters are reused (not copied), so the state dict
+    keys and an optimizer built before or after conversion stay valid. Running it again is safe:
+    existing FP8 layers are reported as "already FP8".
+
+    Args:
+        module: the model; it cannot itself be an ``nn.Linear`` (wrap it, e.g. in ``nn.Sequential``).
+        module_filter_fn: ``(layer, fully qualified name) -> bool``; False keeps the layer as is.
+        exclude: name patterns to keep in high precision (see :func:`matches_pattern`), by default
+            ``("lm_head",)``. Patterns you pass that match nothing trigger a warning.
+        dim_multiple: required divisor of both dimensions (16 for the CUDA FP8 kernels; 1 disables).
+        backend, amax_history_len, margin, wgrad_mode, use_fast_accum: passed to :class:`FP8Linear`.
+        log_table: log the report table at INFO level (logger ``lightning_plugins.fp8.convert``).
+
+    Returns:
+        A :class:`ConversionReport` (``print(report)`` shows the table).
+
+    Raises:
+        RuntimeError: when no layer is FP8 afterwards (never a silent no-op); the message holds the table.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_to_fp8 expects an nn.Module, got {type(module).__name__}.")
+    if isinstance(module, nn.Linear):
+        raise ValueError(
+            "convert_to_fp8 swaps layers in place, so the root module cannot be an nn.Linear itself; "
+            "wrap it, e.g. convert_to_fp8(nn.Sequential(layer))."
+        )
+    if module_filter_fn is not None and not callable(module_filter_fn):
+        raise TypeError(f"module_filter_fn must be callable (module, name) -> bool, got {module_filter_fn!r}.")
+    if isinstance(dim_multiple, bool) or not isinstance(dim_multiple, int) or dim_multiple < 1:
+        raise ValueError(f"dim_multiple must be an int >= 1 (1 disables the check), got {dim_multiple!r}.")
+    check_backend_name(backend)
+    if wgrad_mode not in WGRAD_MODES:
+        raise ValueError(f"Unknown wgrad_mode {wgrad_mode!r}; allowed: {list(WGRAD_MODES)}.")
+    user_patterns = exclude is not DEFAULT_EXCLUDE
+    patterns = _normalize_exclude(exclude)
+    layer_kwargs = {
+        "backend": backend,
+        "amax_history_len": amax_history_len,
+        "margin": margin,
+        "wgrad_mode": wgrad_mode,
+        "use_fast_accum": use_fast_accum,
+    }
+
+    # param -> (owning module, name); a weight owned by another module (e.g. an embedding) is tied.
+    owners: dict[int, list[tuple[int, str]]] = {}
+    for mname, sub in module.named_modules(remove_duplicate=False):
+        for pname, param in sub.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((id(sub), f"{mname}.{pname}" if mname else pname))
+
+    report = ConversionReport()
+    matched: set[str] = set()
+    replaced: dict[int, nn.Module] = {}  # a Linear registered under several names is swapped everywhere
+    for name, mod in list(module.named_modules(remove_duplicate=False)):
+        if isinstance(mod, FP8Linear):
+            if id(mod) not in replaced:
+                replaced[id(mod)] = mod
+                report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "already FP8"))
+            continue
+        if not isinstance(mod, nn.Linear):
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        if id(mod) in replaced:
+            setattr(parent, child_name, replaced[id(mod)])
+            continue
+        reason = _skip_reason(name, mod, patterns, matched, module_filter_fn, owners, dim_multiple)
+        if reason:
+            report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "skipped", reason))
+            replaced[id(mod)] = mod
+            continue
+        new = FP8Linear.from_linear(mod, **layer_kwargs)
+        setattr(parent, child_name, new)
+        replaced[id(mod)] = new
+        report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "converted"))
+
+    report.unmatched_exclude = tuple(p for p in patterns if p not in matched)
+    if user_patterns and report.unmatched_exclude:
+        warnings.warn(
+            f"convert_to_fp8: exclude patterns {list(report.unmatched_exclude)} matched no linear layer; "
+            "check the names with [n for n, m in model.named_modules()].",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not report.converted and not report.already_fp8:
+        if not report.decisions:
+            raise RuntimeError(
+                f"convert_to_fp8 found no nn.Linear layer in {type(module).__name__}; FP8 training would "
+                "change nothing. Remove the FP8 precision setting for this model."
+            )
+        raise RuntimeError(
+            "convert_to_fp8 converted no layer, so FP8 training would silently run in high precision. "
+            "Relax module_filter_fn/exclude or dim_multiple, or remove the FP8 precision setting.\n" + report.table()
+        )
+    if log_table:
+        log.info("%s", report.table())
+    return report

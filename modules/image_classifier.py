@@ -1,0 +1,194 @@
+"""``ImageClassifier``: a backbone (the project's ViT by default, or any ``nn.Module``) plus a linear head."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_plugins.modules.backbones import build_backbone
+from lightning_plugins.modules.schedules import warmup_cosine
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with AdamW, warm-up + cosine LR, overall and per-class accuracy.
+
+    ``forward(images)`` returns logits ``[B, num_classes]``; ``embed(images)`` returns the features before the
+    head ``[B, d]`` (the embedding used for class prototypes). Batches are ``(images, labels)``.
+
+    Args:
+        num_classes: number of classes of the linear head.
+        backbone: ``"vit"`` (the project's ViT, shaped by the arguments below) or any ``nn.Module`` mapping
+            images to features ``[B, d]``; ``d`` is read from its ``num_features`` attribute when present,
+            otherwise from one forward pass on a blank image.
+        image_size: input side in pixels (ViT; also the probe size for a custom backbone).
+        in_channels: input channels (ViT; also the probe for a custom backbone).
+        patch_size: ViT patch side; must divide ``image_size``.
+        embed_dim: ViT width.
+        depth: ViT blocks.
+        num_heads: ViT attention heads; must divide ``embed_dim``.
+        mlp_ratio: ViT FFN width over ``embed_dim``.
+        dropout: ViT dropout.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases, norms, position and class tokens).
+        warmup_fraction: share of the training steps spent warming the LR up linearly.
+        min_lr_ratio: final LR of the cosine decay as a share of ``lr``.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        backbone: Union[str, nn.Module] = "vit",
+        image_size: int = 28,
+        in_channels: int = 1,
+        patch_size: int = 4,
+        embed_dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, str):
+            backbone = build_backbone(
+                backbone, image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
+            )
+        elif not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.head = nn.Linear(_feature_dim(backbone, in_channels, image_size), num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_class_acc = MulticlassAccuracy(num_classes, average="none")
+        self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Features before the head, ``[B, d]``: the embedding used for prototypes and retrieval."""
+        features = self.backbone(images)
+        if features.ndim != 2:
+            raise ValueError(
+                f"the backbone must return features of shape [B, d], got {list(features.shape)}; "
+                "pool or flatten its output"
+            )
+        return features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, num_classes]``."""
+        return self.head(self.embed(images))
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"the model has num_classes={self.num_classes} but {type(datamodule).__name__} has "
+                f"{data_classes} classes; set the model's num_classes to {data_classes}"
+            )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc, self.val_class_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc, self.test_class_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_class_accuracy("val", self.val_class_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_class_accuracy("test", self.test_class_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(images).softmax(dim=-1)
+        return {"probs": probs, "preds": probs.argmax(dim=-1)}
+
+    def _evaluate(self, batch, stage: str, accuracy: MulticlassAccuracy, class_accuracy: MulticlassAccuracy) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self.criterion(logits, labels), prog_bar=True)
+        accuracy(logits, labels)
+        class_accuracy.update(logits, labels)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+
+    def _log_class_accuracy(self, stage: str, class_accuracy: MulticlassAccuracy) -> None:
+        per_class = class_accuracy.compute()
+        self.log_dict({f"{stage}/acc_class_{c}": value for c, value in enumerate(per_class)})
+        class_accuracy.reset()
+
+    # -- optimization ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or name.endswith(("pos_embed", "cls_token")) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, total, int(self.hparams.warmup_fraction * total), self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+    width = getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
+    if isinstance(width, int):
+        return width
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            probe = backbone(torch.zeros(1, in_channels, image_size, image_size))
+    except Exception as err:
+        raise ValueError(
+            f"could not find the feature width of {type(backbone).__name__}: give it a `num_features` attribute "
+            f"or set in_channels/image_size to its input shape (probe {in_channels}x{image_size}x{image_size} "
+            f"failed: {err})"
+        ) from err
+    finally:
+        backbone.train(was_training)
+    if probe.ndim != 2:
+        raise ValueError(
+            f"{type(backbone).__name__} returned shape {list(probe.shape)} for one image; a backbone must return "
+            "features [B, d] (add pooling/flatten)"
+        )
+    return int(probe.shape[1])

