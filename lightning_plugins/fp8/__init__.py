@@ -8,6 +8,8 @@
 * GEMM backends: :func:`get_backend` with ``"auto"``, ``"torch"``, ``"emulated"``, ``"te"``.
 * :class:`FP8Linear`, :func:`convert_to_fp8`, :class:`ScalingRegistry`, and the FP8 weight-gradient
   side channel (:func:`get_fp8_grad`, :func:`clear_fp8_grads`).
+* O2 optimizers: :class:`FP8AdamW`, :class:`FP8Adam`, :func:`from_optimizer`,
+  :func:`rebind_lr_schedulers`, :func:`optimizer_state_bytes`, :func:`to_torch_adam_state_dict`.
 """
 
 from lightning_plugins.fp8.convert import (
@@ -28,6 +30,16 @@ from lightning_plugins.fp8.gemm import (
     resolve_backend_name,
 )
 from lightning_plugins.fp8.linear import SCALING_ROLES, WGRAD_MODES, FP8Linear
+from lightning_plugins.fp8.optim import (
+    EXP_AVG_DTYPES,
+    EXP_AVG_SQ_DTYPES,
+    MASTER_WEIGHTS,
+    FP8Adam,
+    FP8AdamW,
+    fp8_linear_weights,
+    from_optimizer,
+)
+from lightning_plugins.fp8.optim_utils import optimizer_state_bytes, rebind_lr_schedulers, to_torch_adam_state_dict
 from lightning_plugins.fp8.quantize import ScaledTensor, dequantize, quantize, quantize_with_state, tensor_amax
 from lightning_plugins.fp8.registry import ScalingRegistry
 from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling, pow2_scale, scaling_frozen
@@ -38,12 +50,17 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "E4M3",
     "E5M2",
+    "EXP_AVG_DTYPES",
+    "EXP_AVG_SQ_DTYPES",
     "FORMATS",
     "FP16",
+    "MASTER_WEIGHTS",
     "SCALING_ROLES",
     "WGRAD_MODES",
     "ConversionReport",
     "EmulatedBackend",
+    "FP8Adam",
+    "FP8AdamW",
     "FP8Linear",
     "FloatFormat",
     "GemmBackend",
@@ -57,16 +74,21 @@ __all__ = [
     "convert_to_fp8",
     "dequantize",
     "fp8_grad_params",
+    "fp8_linear_weights",
+    "from_optimizer",
     "frozen_scaling",
     "get_backend",
     "get_fp8_grad",
     "get_format",
     "matches_pattern",
+    "optimizer_state_bytes",
     "pow2_scale",
     "quantize",
     "quantize_with_state",
+    "rebind_lr_schedulers",
     "resolve_backend_name",
     "scaling_frozen",
     "set_fp8_grad",
     "tensor_amax",
+    "to_torch_adam_state_dict",
 ]

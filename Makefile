@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` and `make test`. Both create/update .venv/ idempotently first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lightning-plugins-installed
+
+.PHONY: demo test install
+
+# torch/torchvision are pinned to the builds this project is tested with (nothing newer than 2.14.1 / 0.29.1).
+$(STAMP): setup.py pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[vision,dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra

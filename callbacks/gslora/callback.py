@@ -1,0 +1,882 @@
+"""The ``GSLoRA`` callback: continual forgetting with group-sparse LoRA (GS-LoRA) and prototypes (GS-LoRA++)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_plugins.callbacks.gslora import report
+from lightning_plugins.callbacks.gslora.data import _mix
+from lightning_plugins.callbacks.gslora.lora import (
+    GROUPINGS,
+    LoRALinear,
+    compile_targets,
+    find_target_layers,
+    group_layers,
+    group_lora_parameters,
+    inject_lora,
+    remove_lora,
+)
+from lightning_plugins.callbacks.gslora.losses import PROTOTYPE_DISTANCES, gslora_loss, prototype_loss
+from lightning_plugins.callbacks.gslora.metrics import (
+    LabelledCorrect,
+    drop_and_h,
+    group_norms,
+    parameter_counts,
+    split_accuracies,
+    update_norms,
+    zero_group_ratio,
+)
+from lightning_plugins.callbacks.gslora.tasks import TaskView, check_class_range, validate_tasks, view
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+class GSLoRA(Callback):
+    """Forget a sequence of class sets from a trained classifier, one task per ``Trainer.fit``.
+
+    For each task the callback (1) adds a fresh LoRA group on the FFN Linear layers of every Transformer block and
+    freezes everything else (the head included); (2) trains it with
+    ``CE(retained) + beta ReLU(bound - CE(forgotten)) + alpha sum_g ||LoRA_g||_2`` (plus the prototype terms of
+    GS-LoRA++ when ``prototypes=True``); (3) at the end of the fit merges the LoRA into the weights
+    (``W += B A / 8``) and re-initialises it, so the next ``fit`` starts a fresh group with a fresh optimizer. After
+    the last task the adapters are removed: the model has its original structure and state-dict keys.
+
+    Run a whole sequence with :func:`~lightning_plugins.callbacks.forget_sequence`, or call ``Trainer.fit`` once
+    per task with a new Trainer and this same callback. Metrics (Acc_f, Acc_r, Acc_o, Acc_m, Drop, H, group norms,
+    zero-group ratio, trainable ratio, seconds per task) are logged after every validation and every task, kept in
+    :attr:`history` (part of the checkpoint, so a resumed sequence continues it) and written as CSV/JSON/PNG.
+
+    Module protocol: ``forward(x)`` returns class logits ``[B, num_classes]``; batches are ``(x, y)`` or, from
+    :class:`~lightning_plugins.callbacks.ForgettingDataModule`, ``{"retain": (x, y), "forget": (x, y)}``. A plain
+    ``(x, y)`` batch is split by label: classes of the current or an earlier task are forgotten, the rest retained.
+    GS-LoRA++ also needs ``embed(x) -> [B, d]``, the features the prototypes are built from. While fitting, the
+    module's ``training_step`` is replaced by the GS-LoRA objective (and, if ``lr`` is set, its
+    ``configure_optimizers`` by AdamW on the LoRA tensors); its ``validation_step``/``test_step`` still run,
+    followed by the callback's split accuracies. The originals are restored at ``teardown``.
+
+    DataModule protocol (optional; :class:`ForgettingDataModule` implements it):
+    ``set_forgetting_task(index, forgotten, old)``, ``missing_classes``, ``prototype_dataloader()``.
+
+    Args:
+        tasks: the classes to forget, one list per task, e.g. ``[[0, 1], [2, 3], [4, 5]]``.
+        target: regex (or list) full-matched against module names to pick the LoRA layers; its named group
+            ``block`` names the group. Default: :data:`~lightning_plugins.callbacks.gslora.lora.DEFAULT_TARGETS`
+            (this project's/timm ViT ``blocks.N.mlp.fc1/fc2``, torchvision ViT ``encoder_layer_N.mlp.0/3``,
+            Hugging Face ViT/BERT ``layer.N.intermediate.dense``/``layer.N.output.dense``, Llama
+            ``layers.N.mlp.gate_proj/up_proj/down_proj``).
+        grouping: ``"block"`` (one group per Transformer block, the paper), ``"layer"`` or ``"matrix"``.
+        rank: LoRA rank (paper: 8).
+        lora_alpha: LoRA alpha; scaling is ``lora_alpha / rank`` (paper: 1/8).
+        beta: weight of the bounded forgetting loss; one value or one per task (paper: 0.2-0.25).
+        bound: BND of ``ReLU(BND - CE)``. The paper's 105 suits CosFace logits (scale 64); for a plain linear head
+            a value around 10-30 is the right scale (default 20).
+        alpha: weight of the group-lasso term (paper: 1e-4).
+        alpha_warmup_epochs: the group-lasso weight is 0 during the first epochs of each task (paper: 0 in its
+            continual runs, 20-30 in some single-step runs).
+        prototypes: GS-LoRA++: build per-class prototypes at the start of each task and add the prototype terms.
+        proto_forget_weight: weight of ``ReLU(proto_bound - d(forgotten, prototype))``; one value or one per task.
+        proto_retain_weight: weight of ``d(retained, prototype)`` (0 in all released runs of the paper).
+        proto_bound: BND of the prototype push (paper: 18; 50 in its few-shot runs).
+        proto_distance: ``"kl"`` (softmax over features, the paper) or ``"l2"``.
+        lr: learning rate of the AdamW the callback builds over the LoRA tensors (cosine to ``min_lr`` over the
+            task). ``None`` keeps the module's ``configure_optimizers``, which must then include the LoRA tensors.
+        weight_decay: AdamW weight decay on the LoRA tensors (paper: 0.05).
+        min_lr: final learning rate of the cosine schedule (paper: 1e-5).
+        num_classes: number of classes, to check class ids early; read from the module's or datamodule's
+            ``num_classes`` when omitted, and always checked against the logits.
+        zero_group_threshold: a group counts as zero (unselected) when its merged update ``||B A / 8||_F`` is at
+            most this share of its frozen weights' norm (see :func:`~.metrics.zero_group_ratio`).
+        freeze_batchnorm: keep BatchNorm layers in eval mode while forgetting, so their running statistics stay
+            frozen like the rest of the model.
+        eval_test: also measure the datamodule's test split before and after each task.
+        output_dir: where ``history.csv``/``history.json`` and the plots go (default
+            ``<default_root_dir>/gslora``); written by global rank 0.
+        plots: write PNG plots after each task (needs matplotlib).
+        unload_at_end: after the last task, remove the adapters so that the model has its original layout.
+        seed: seed of the LoRA initialisation of each task (independent of the global RNG, for exact resumes).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Sequence[int]],
+        target: Union[str, Sequence[str], None] = None,
+        grouping: str = "block",
+        rank: int = 8,
+        lora_alpha: float = 1.0,
+        beta: Union[float, Sequence[float]] = 0.2,
+        bound: float = 20.0,
+        alpha: float = 1e-4,
+        alpha_warmup_epochs: int = 0,
+        prototypes: bool = False,
+        proto_forget_weight: Union[float, Sequence[float]] = 0.01,
+        proto_retain_weight: float = 0.0,
+        proto_bound: float = 18.0,
+        proto_distance: str = "kl",
+        lr: Optional[float] = 1e-2,
+        weight_decay: float = 0.05,
+        min_lr: float = 1e-5,
+        num_classes: Optional[int] = None,
+        zero_group_threshold: float = 1e-3,
+        freeze_batchnorm: bool = True,
+        eval_test: bool = False,
+        output_dir: Optional[str] = None,
+        plots: bool = True,
+        unload_at_end: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tasks = validate_tasks(tasks)
+        compile_targets(target)
+        self.target = target
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        for name, value in (("lora_alpha", lora_alpha), ("bound", bound), ("proto_bound", proto_bound)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name, value in (("alpha", alpha), ("proto_retain_weight", proto_retain_weight),
+                            ("weight_decay", weight_decay), ("min_lr", min_lr),
+                            ("zero_group_threshold", zero_group_threshold)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not isinstance(alpha_warmup_epochs, int) or alpha_warmup_epochs < 0:
+            raise ValueError(f"alpha_warmup_epochs must be an integer >= 0, got {alpha_warmup_epochs!r}")
+        if proto_distance not in PROTOTYPE_DISTANCES:
+            raise ValueError(f"proto_distance must be one of {PROTOTYPE_DISTANCES}, got {proto_distance!r}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0 (or None to use the module's optimizer), got {lr!r}")
+        if num_classes is not None:
+            check_class_range(self.tasks, num_classes, "num_classes argument")
+        self.grouping = grouping
+        self.rank = rank
+        self.lora_alpha = float(lora_alpha)
+        self.betas = self._per_task("beta", beta)
+        self.bound = float(bound)
+        self.alpha = float(alpha)
+        self.alpha_warmup_epochs = alpha_warmup_epochs
+        self.prototypes = prototypes
+        self.proto_forget_weights = self._per_task("proto_forget_weight", proto_forget_weight)
+        self.proto_retain_weight = float(proto_retain_weight)
+        self.proto_bound = float(proto_bound)
+        self.proto_distance = proto_distance
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.min_lr = min_lr
+        self.num_classes = num_classes
+        self.zero_group_threshold = zero_group_threshold
+        self.freeze_batchnorm = freeze_batchnorm
+        self.eval_test = eval_test
+        self.output_dir = output_dir
+        self.plots = plots
+        self.unload_at_end = unload_at_end
+        self.seed = seed
+
+        # checkpointed state
+        self.task_index = 0
+        self.history: list[dict[str, Any]] = []
+        self._before: dict[int, dict[str, Optional[dict]]] = {}
+        self._prototype_task: Optional[int] = None
+        self._prototype_classes: Optional[torch.Tensor] = None
+        self._prototype_values: Optional[torch.Tensor] = None
+        self._elapsed = 0.0
+        # per process
+        self._trainer: Optional[pl.Trainer] = None
+        self._module: Optional[pl.LightningModule] = None
+        self._adapters: dict[str, LoRALinear] = {}
+        self._groups: dict[str, list[nn.Parameter]] = {}
+        self._group_layers: dict[str, list[LoRALinear]] = {}
+        self._wrapped: dict[str, Any] = {}
+        self._requires_grad: Optional[list[tuple[nn.Parameter, bool]]] = None
+        self._batchnorms: list[nn.Module] = []
+        self._logits_classes: Optional[int] = None
+        self._val_metric = LabelledCorrect()
+        self._test_metric = LabelledCorrect()
+        self._alpha_now = self.alpha
+        self._started: Optional[float] = None
+        self._task_closed = False
+        self._setup_task: Optional[int] = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ public API
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every task has been forgotten and merged."""
+        return self.task_index >= self.num_tasks
+
+    def task_view(self, index: Optional[int] = None) -> TaskView:
+        """Class sets of task ``index`` (default: the task being trained, or the last finished one)."""
+        if index is None:
+            index = min(self.task_index, self.num_tasks - 1)
+        missing = getattr(self._datamodule(), "missing_classes", ()) or ()
+        return view(self.tasks, index, missing)
+
+    def task_results(self) -> list[dict[str, Any]]:
+        """One row per finished task (metrics after the merge, before-task references, seconds, group stats)."""
+        return [row for row in self.history if row["kind"] == "task"]
+
+    # ---------------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer, self._module = trainer, pl_module
+        self._check_num_classes(pl_module, trainer.datamodule)
+        if stage == "fit" and self.finished:
+            raise RuntimeError(
+                f"all {self.num_tasks} forgetting tasks of this GSLoRA callback are done; nothing is left to fit. "
+                "Create a new GSLoRA with the next tasks"
+            )
+        if self.prototypes and not callable(getattr(pl_module, "embed", None)):
+            raise TypeError(
+                f"GSLoRA(prototypes=True) needs {type(pl_module).__name__}.embed(x) -> [B, d] (the features the class "
+                "prototypes are built from); add such a method or set prototypes=False"
+            )
+        if not self.finished:
+            self._attach_lora(pl_module)
+        if stage == "fit":
+            self._freeze(pl_module)
+            self._sync_datamodule(trainer)
+            self._setup_task = self.task_index
+            self._wrap(pl_module, "training_step", self._make_training_step(pl_module))
+            self._wrap(pl_module, "validation_step", self._make_eval_step(pl_module, "validation_step"))
+            if self.lr is not None:
+                self._wrap(pl_module, "configure_optimizers", self._make_configure_optimizers(trainer, pl_module))
+        elif stage == "validate":
+            self._wrap(pl_module, "validation_step", self._make_eval_step(pl_module, "validation_step"))
+        elif stage == "test":
+            self._wrap(pl_module, "test_step", self._make_eval_step(pl_module, "test_step"))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_methods(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_methods(pl_module)
+
+    def _restore_methods(self, pl_module: pl.LightningModule) -> None:
+        for name, previous in self._wrapped.items():
+            pl_module.__dict__.pop(name, None)
+            if previous is not None:
+                pl_module.__dict__[name] = previous
+        self._wrapped = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._task_closed = False
+        self._sync_datamodule(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._check_optimizer(trainer)
+        task_view = self.task_view(self.task_index)
+        if self.task_index not in self._before:
+            before = {"val": self._evaluate(trainer, pl_module, "val", task_view)}
+            if self.eval_test:
+                before["test"] = self._evaluate(trainer, pl_module, "test", task_view)
+            self._before[self.task_index] = before
+            if before["val"] is not None:
+                self.history.append(self._row("before", "val", task_view, trainer, before["val"], with_groups=False))
+        if self.prototypes and self._prototype_task != self.task_index:
+            self._compute_prototypes(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._alpha_now = 0.0 if trainer.current_epoch < self.alpha_warmup_epochs else self.alpha
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for module in self._batchnorms:
+            module.eval()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_metric.reset()
+        self._val_metric.to(pl_module.device)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._test_metric.reset()
+        self._test_metric.to(pl_module.device)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._val_metric.reset()
+            return
+        fitting = trainer.state.fn == "fit"
+        self._log_eval(trainer, pl_module, self._val_metric, "val" if fitting else "validate", "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_eval(trainer, pl_module, self._test_metric, "test", "test")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_task(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint taken after the task's last epoch skips the training loop (no
+        # on_train_end): the task still has to be merged and closed.
+        if not self._task_closed and not self.finished and trainer.fit_loop.done:
+            self._finish_task(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self._elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        prototypes = None
+        if self._prototype_values is not None:
+            prototypes = {"task": self._prototype_task, "classes": self._prototype_classes.cpu(),
+                          "values": self._prototype_values.cpu()}
+        return {
+            "version": _STATE_VERSION,
+            "tasks": [list(t) for t in self.tasks],
+            "rank": self.rank,
+            "lora_alpha": self.lora_alpha,
+            "task_index": self.task_index,
+            "history": [dict(row) for row in self.history],
+            "before": {t: dict(v) for t, v in self._before.items()},
+            "prototypes": prototypes,
+            "elapsed": elapsed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = [tuple(t) for t in state_dict.get("tasks", [])]
+        if saved != list(self.tasks):
+            raise ValueError(
+                f"the checkpoint's GSLoRA state is for tasks {[list(t) for t in saved]}, but this callback has "
+                f"tasks {[list(t) for t in self.tasks]}; build GSLoRA with the same tasks to resume the sequence"
+            )
+        if state_dict.get("rank") != self.rank or state_dict.get("lora_alpha") != self.lora_alpha:
+            raise ValueError(
+                f"the checkpoint's LoRA has rank {state_dict.get('rank')}, lora_alpha {state_dict.get('lora_alpha')}; "
+                f"this callback has rank {self.rank}, lora_alpha {self.lora_alpha}. Use the same values to resume"
+            )
+        self.task_index = int(state_dict["task_index"])
+        self.history = [dict(row) for row in state_dict["history"]]
+        self._before = {int(t): dict(v) for t, v in state_dict["before"].items()}
+        prototypes = state_dict.get("prototypes")
+        if prototypes is None:
+            self._prototype_task = self._prototype_classes = self._prototype_values = None
+        else:
+            self._prototype_task = int(prototypes["task"])
+            self._prototype_classes = prototypes["classes"]
+            self._prototype_values = prototypes["values"]
+        self._elapsed = float(state_dict.get("elapsed", 0.0))
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            if self._setup_task is not None and self._setup_task != self.task_index and \
+                    trainer.strategy.restore_checkpoint_after_setup:
+                raise RuntimeError(
+                    f"{type(trainer.strategy).__name__} restores checkpoints after the data is set up, so a "
+                    f"checkpoint of task {self.task_index} cannot be resumed by a fresh GSLoRA (set up for task "
+                    f"{self._setup_task}); resume with a single-device or DDP strategy"
+                )
+            self._sync_datamodule(trainer)
+
+    # ---------------------------------------------------------------------------------------------- LoRA + freeze
+    def _attach_lora(self, pl_module: pl.LightningModule) -> None:
+        layers = find_target_layers(pl_module, self.target)
+        adapters = inject_lora(pl_module, self.target, self.rank, self.lora_alpha)
+        for i, adapter in enumerate(adapters.values()):
+            if not bool(adapter.lora_B.detach().any()):
+                # no pending update, so re-drawing A changes nothing now and makes it independent of the global RNG
+                adapter.reset_lora(self._generator(self.task_index, i))
+        self._adapters = adapters
+        self._groups = group_lora_parameters(adapters, layers, self.grouping)
+        self._group_layers = group_layers(adapters, layers, self.grouping)
+
+    def _generator(self, task: int, layer: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_mix(self.seed, task, layer))
+
+    def _freeze(self, pl_module: pl.LightningModule) -> None:
+        lora = {id(p) for a in self._adapters.values() for p in (a.lora_A, a.lora_B)}
+        if self._requires_grad is None:
+            self._requires_grad = [(p, p.requires_grad) for p in pl_module.parameters() if id(p) not in lora]
+        for param in pl_module.parameters():
+            param.requires_grad_(id(param) in lora)
+        self._batchnorms = (
+            [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if self.freeze_batchnorm else []
+        )
+
+    def _unload(self, pl_module: pl.LightningModule) -> None:
+        remove_lora(pl_module, merge=True)
+        for param, flag in self._requires_grad or []:
+            param.requires_grad_(flag)
+        self._requires_grad = None
+        self._adapters, self._groups, self._group_layers = {}, {}, {}
+
+    # -------------------------------------------------------------------------------------------- method wrapping
+    def _wrap(self, pl_module: pl.LightningModule, name: str, fn: Any) -> None:
+        if name not in self._wrapped:
+            self._wrapped[name] = pl_module.__dict__.get(name)
+        # set on the instance: Lightning looks hooks up with getattr, and is_overridden sees a new function
+        pl_module.__dict__[name] = fn
+
+    def _user_step(self, pl_module: pl.LightningModule, name: str) -> Any:
+        """The module's own ``name`` method (bound), or ``None`` if it does not define one."""
+        previous = self._wrapped[name] if name in self._wrapped else pl_module.__dict__.get(name)
+        if previous is not None:
+            return previous
+        if getattr(type(pl_module), name) is getattr(pl.LightningModule, name):
+            return None
+        return getattr(type(pl_module), name).__get__(pl_module)
+
+    def _make_training_step(self, pl_module: pl.LightningModule):
+        def training_step(batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self._training_step(pl_module, batch)
+
+        return training_step
+
+    def _make_eval_step(self, pl_module: pl.LightningModule, name: str):
+        original = self._user_step(pl_module, name)
+        metric = self._test_metric if name == "test_step" else self._val_metric
+
+        def eval_step(batch: Any, batch_idx: int = 0, dataloader_idx: Optional[int] = None) -> Any:
+            output = None
+            if original is not None:
+                extra = () if dataloader_idx is None else (dataloader_idx,)
+                output = original(batch, batch_idx, *extra)
+            inputs, labels = _unpack(batch, "evaluation")
+            with torch.no_grad():
+                logits = self._logits(pl_module, inputs, labels)
+            metric.update(logits, labels)
+            return output
+
+        return eval_step
+
+    def _make_configure_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        def configure_optimizers() -> dict[str, Any]:
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            total = trainer.estimated_stepping_batches
+            floor = min(1.0, self.min_lr / self.lr)
+            if not math.isfinite(total) or total < 1:
+                self._warn_once("schedule", "GSLoRA: the number of training steps is unknown (max_epochs=-1?); "
+                                "using a constant learning rate")
+                schedule = lambda step: 1.0  # noqa: E731
+            else:
+                def schedule(step: int) -> float:
+                    progress = min(step, total) / total
+                    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+        return configure_optimizers
+
+    # ---------------------------------------------------------------------------------------------- the objective
+    def _training_step(self, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+        task_view = self.task_view(self.task_index)
+        x_r, y_r, x_f, y_f = _split_training_batch(batch, task_view)
+        if isinstance(x_r, torch.Tensor) and isinstance(x_f, torch.Tensor) and x_r.shape[1:] == x_f.shape[1:]:
+            inputs, labels = torch.cat([x_r, x_f]), torch.cat([y_r, y_f])
+            logits = self._logits(pl_module, inputs, labels)
+            logits_r, logits_f = logits[: len(y_r)], logits[len(y_r):]
+        else:
+            inputs, labels = None, None
+            logits_r = self._logits(pl_module, x_r, y_r)
+            logits_f = self._logits(pl_module, x_f, y_f)
+        prototype_term = None
+        if self.prototypes:
+            if inputs is not None:
+                embeddings = self._embed(pl_module, inputs)
+                emb_r, emb_f = embeddings[: len(y_r)], embeddings[len(y_r):]
+            else:
+                emb_r, emb_f = self._embed(pl_module, x_r), self._embed(pl_module, x_f)
+            emb_f, proto_f = self._with_prototypes(emb_f, y_f)
+            emb_r, proto_r = self._with_prototypes(emb_r, y_r)
+            prototype_term = prototype_loss(
+                emb_f, proto_f, emb_r, proto_r, self.proto_bound, self.proto_forget_weights[self.task_index],
+                self.proto_retain_weight, self.proto_distance,
+            )
+        loss = gslora_loss(
+            logits_r, y_r, logits_f, y_f, list(self._groups.values()),
+            beta=self.betas[self.task_index], bound=self.bound, alpha=self._alpha_now,
+            prototype_term=prototype_term,
+        )
+        size = len(y_r) + len(y_f)
+        values = {"loss": loss.total, "retain_ce": loss.retain, "forget_term": loss.forget,
+                  "group_lasso": loss.structure, "alpha": self._alpha_now}
+        if loss.forget_ce is not None:
+            values["forget_ce"] = loss.forget_ce
+        if self.prototypes:
+            values["prototype_term"] = loss.prototype
+        pl_module.log_dict({f"gslora/{k}": v for k, v in values.items()}, batch_size=size,
+                           prog_bar=False, on_step=True, on_epoch=False)
+        pl_module.log("gslora/loss_epoch", loss.total, batch_size=size, on_step=False, on_epoch=True, prog_bar=True)
+        return loss.total
+
+    def _logits(self, pl_module: pl.LightningModule, inputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        output = pl_module(inputs)
+        name = type(pl_module).__name__
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"GSLoRA needs {name}.forward(x) to return class logits, a tensor [batch, num_classes]; it returned "
+                f"a {type(output).__name__}. Make forward return the logits (put extra outputs in other methods, "
+                "e.g. embed(x) for the prototype features)"
+            )
+        if output.ndim != 2 or output.shape[0] != labels.shape[0] or not output.is_floating_point():
+            raise ValueError(
+                f"GSLoRA needs {name}.forward(x) to return float class logits of shape [batch, num_classes] = "
+                f"[{labels.shape[0]}, C]; got a {output.dtype} tensor of shape {list(output.shape)}"
+            )
+        classes = output.shape[1]
+        if self._logits_classes != classes:
+            check_class_range(self.tasks, classes, f"{name}.forward returns {classes} logits")
+            self._logits_classes = classes
+        if labels.numel() and int(labels.max()) >= classes:
+            raise ValueError(
+                f"a batch holds label {int(labels.max())}, but {name}.forward returns only {classes} logits; labels "
+                f"must be in [0, {classes - 1}]"
+            )
+        return output
+
+    def _embed(self, pl_module: pl.LightningModule, inputs: Any) -> torch.Tensor:
+        embeddings = pl_module.embed(inputs)
+        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+            shape = list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(
+                f"{type(pl_module).__name__}.embed(x) must return features of shape [batch, d]; got {shape}"
+            )
+        return embeddings
+
+    def _with_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the samples whose class has a prototype, and those prototypes."""
+        classes = self._prototype_classes.to(labels.device)
+        values = self._prototype_values.to(embeddings.device)
+        match = labels.unsqueeze(1) == classes.unsqueeze(0)
+        has = match.any(dim=1)
+        return embeddings[has], values[match[has].float().argmax(dim=1)]
+
+    # ------------------------------------------------------------------------------------------------ prototypes
+    @torch.no_grad()
+    def _compute_prototypes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = self._datamodule()
+        if callable(getattr(datamodule, "prototype_dataloader", None)):
+            loaders = [datamodule.prototype_dataloader()]
+        else:
+            loaders = _flatten_loaders(trainer.train_dataloader)
+            self._warn_once("proto-loaders", "GSLoRA: the datamodule has no prototype_dataloader(); prototypes are "
+                            "computed over one pass of each training dataloader")
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                for loader in loaders:
+                    for batch in loader:
+                        parts = batch.values() if isinstance(batch, Mapping) else [batch]
+                        for part in parts:
+                            inputs, labels = _unpack(trainer.strategy.batch_to_device(part, pl_module.device),
+                                                     "prototype")
+                            embeddings = self._embed(pl_module, inputs).float()
+                            for label in labels.unique().tolist():
+                                rows = embeddings[labels == label]
+                                sums[label] = sums.get(label, 0) + rows.sum(dim=0)
+                                counts[label] = counts.get(label, 0) + rows.shape[0]
+        finally:
+            pl_module.train(was_training)
+        if trainer.world_size > 1:
+            sums, counts = _all_reduce_class_sums(trainer, sums, counts)
+        if not sums:
+            raise RuntimeError("GSLoRA++ found no training samples to build class prototypes from")
+        classes = sorted(sums)
+        self._prototype_classes = torch.tensor(classes, dtype=torch.long)
+        self._prototype_values = torch.stack([sums[c] / counts[c] for c in classes]).cpu()
+        self._prototype_task = self.task_index
+        log.info("GSLoRA++ task %d: prototypes of %d classes (dim %d)", self.task_index, len(classes),
+                 self._prototype_values.shape[1])
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
+                  task_view: TaskView) -> Optional[dict]:
+        loaders = self._eval_loaders(trainer, stage)
+        if loaders is None:
+            return None
+        metric = LabelledCorrect().to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                for loader in loaders:
+                    for batch in loader:
+                        inputs, labels = _unpack(trainer.strategy.batch_to_device(batch, pl_module.device),
+                                                 "evaluation")
+                        metric.update(self._logits(pl_module, inputs, labels), labels)
+        finally:
+            pl_module.train(was_training)
+        labels, correct = metric.compute()
+        return split_accuracies(labels, correct, task_view)
+
+    def _eval_loaders(self, trainer: pl.Trainer, stage: str) -> Optional[list]:
+        datamodule = self._datamodule()
+        if stage == "val":
+            if trainer.val_dataloaders is not None:
+                return _flatten_loaders(trainer.val_dataloaders)
+            hook = getattr(datamodule, "val_dataloader", None)
+            if datamodule is not None and is_overridden("val_dataloader", datamodule):
+                return _flatten_loaders(hook())
+            self._warn_once("no-val", "GSLoRA: no validation data, so the before/after-task accuracies, Drop and H "
+                            "are not measured; give the Trainer a val_dataloader or a datamodule with one")
+            return None
+        if datamodule is None or not is_overridden("test_dataloader", datamodule):
+            raise RuntimeError(
+                "GSLoRA(eval_test=True) measures the datamodule's test split, but "
+                f"{type(datamodule).__name__ if datamodule is not None else 'no datamodule'} offers no "
+                "test_dataloader(); pass a datamodule with one or set eval_test=False"
+            )
+        return _flatten_loaders(datamodule.test_dataloader())
+
+    def _log_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: LabelledCorrect, kind: str,
+                  stage: str) -> None:
+        labels, correct = metric.compute()
+        metric.reset()
+        if labels.numel() == 0:
+            return
+        fitting = kind == "val"
+        index = self.task_index if fitting or self.task_index == 0 else self.task_index - 1
+        index = min(index, self.num_tasks - 1)
+        task_view = self.task_view(index)
+        row = self._row(kind, stage, task_view, trainer, split_accuracies(labels, correct, task_view),
+                        with_groups=fitting)
+        self.history.append(row)
+        prefix = "gslora" if fitting else f"gslora_{kind}"
+        pl_module.log_dict({f"{prefix}/{k}": float(v) for k, v in _loggable(row).items()}, sync_dist=False)
+        self._write_report(trainer, plots=False)
+
+    def _row(self, kind: str, stage: str, task_view: TaskView, trainer: pl.Trainer, accuracies: dict,
+             with_groups: bool) -> dict[str, Any]:
+        before = (self._before.get(task_view.index) or {}).get(stage) or {}
+        drop, h = drop_and_h(accuracies.get("acc_f"), accuracies.get("acc_r"), before.get("acc_f"))
+        row: dict[str, Any] = {
+            "task": task_view.index, "kind": kind, "stage": stage,
+            "forgotten": sorted(task_view.forgotten), "epoch": trainer.current_epoch, "step": trainer.global_step,
+            **accuracies, "drop": drop, "h": h,
+            "acc_f_before": before.get("acc_f"), "acc_r_before": before.get("acc_r"),
+            "acc_o_before": before.get("acc_o"), "acc_m_before": before.get("acc_m"),
+        }
+        if with_groups and self._groups:
+            row.update(self._group_stats())
+        return row
+
+    def _group_stats(self) -> dict[str, Any]:
+        norms = group_norms(self._groups)
+        updates = update_norms(self._group_layers)
+        trainable, total = parameter_counts(self._module) if self._module is not None else (0, 0)
+        stats: dict[str, Any] = {
+            "zero_group_ratio": zero_group_ratio(updates, self.zero_group_threshold),
+            "trainable_params": trainable, "total_params": total,
+            "trainable_ratio": trainable / total if total else None,
+        }
+        stats.update({f"group_norm/{name}": value for name, value in norms.items()})
+        stats.update({f"update_norm/{name}": delta / weight if weight else None
+                      for name, (delta, weight) in updates.items()})
+        return stats
+
+    # ---------------------------------------------------------------------------------------------- task closing
+    def _finish_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._task_closed or self.finished:
+            return
+        index = self.task_index
+        stats = self._group_stats() if self._groups else {}
+        for i, adapter in enumerate(self._adapters.values()):
+            adapter.merge_(self._generator(index + 1, i))
+        seconds = self._elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        task_view = self.task_view(index)
+        after = self._evaluate(trainer, pl_module, "val", task_view) or {}
+        row = self._row("task", "val", task_view, trainer, after, with_groups=False)
+        row.update(stats)
+        row["seconds"] = seconds
+        if self.eval_test:
+            test_after = self._evaluate(trainer, pl_module, "test", task_view) or {}
+            test_before = (self._before.get(index) or {}).get("test") or {}
+            drop, h = drop_and_h(test_after.get("acc_f"), test_after.get("acc_r"), test_before.get("acc_f"))
+            row.update({f"test_{k}": v for k, v in test_after.items()})
+            row.update({f"test_{k}_before": test_before.get(k) for k in ("acc_f", "acc_r", "acc_o", "acc_m")})
+            row.update({"test_drop": drop, "test_h": h})
+        self.history.append(row)
+        self.task_index += 1
+        self._task_closed = True
+        self._elapsed, self._started = 0.0, None
+        self._prototype_task = self._prototype_classes = self._prototype_values = None
+        if self.finished and self.unload_at_end:
+            self._unload(pl_module)
+        elif not self.finished:
+            self._sync_datamodule(trainer)
+        log.info("GSLoRA task %d done in %.1fs: %s", index, seconds, report.format_row(row))
+        self._write_report(trainer, plots=self.plots)
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    def _per_task(self, name: str, value: Union[float, Sequence[float]]) -> "_PerTask":
+        per_task = _PerTask(name, value)
+        if per_task.per_task and len(per_task.values) != self.num_tasks:
+            raise ValueError(
+                f"{name} gives {len(per_task.values)} values for {self.num_tasks} tasks; give one value per task "
+                "or a single number"
+            )
+        return per_task
+
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _sync_datamodule(self, trainer: pl.Trainer) -> None:
+        if self.finished:
+            return
+        datamodule = trainer.datamodule
+        if callable(getattr(datamodule, "set_forgetting_task", None)):
+            task_view = view(self.tasks, self.task_index)
+            datamodule.set_forgetting_task(self.task_index, sorted(task_view.forgotten), sorted(task_view.old))
+        else:
+            self._warn_once("plain-data", "GSLoRA: the training data has no set_forgetting_task(); batches (x, y) "
+                            "are split by label: current and earlier task classes are forgotten, the rest retained")
+
+    def _check_num_classes(self, pl_module: pl.LightningModule, datamodule: Any) -> None:
+        candidates = [
+            (self.num_classes, "num_classes argument"),
+            (getattr(pl_module, "num_classes", None), f"{type(pl_module).__name__}.num_classes"),
+            (getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("num_classes"),
+             f"{type(pl_module).__name__}.hparams.num_classes"),
+        ]
+        if datamodule is not None:
+            try:
+                candidates.append((getattr(datamodule, "num_classes", None), f"{type(datamodule).__name__}.num_classes"))
+            except RuntimeError:
+                pass  # a datamodule that knows its classes only after setup; the logits are checked later
+        for value, source in candidates:
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_class_range(self.tasks, value, source)
+                missing = [c for c in getattr(datamodule, "missing_classes", ()) or () if c >= value]
+                if missing:
+                    raise ValueError(f"missing_classes {missing} are out of range for {value} classes ({source})")
+                return
+
+    def _check_optimizer(self, trainer: pl.Trainer) -> None:
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        left_out = [name for name, a in self._adapters.items()
+                    if id(a.lora_A) not in in_optimizer or id(a.lora_B) not in in_optimizer]
+        if left_out:
+            raise RuntimeError(
+                f"the optimizer from {type(self._module).__name__}.configure_optimizers does not hold the LoRA "
+                f"tensors of {left_out[:3]}{'...' if len(left_out) > 3 else ''}; build it from the parameters with "
+                "requires_grad=True after setup, or pass GSLoRA(lr=...) to let the callback build it"
+            )
+
+    def _write_report(self, trainer: pl.Trainer, plots: bool) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        directory = self.output_dir or os.path.join(trainer.default_root_dir, "gslora")
+        report.write_history(self.history, directory)
+        if plots:
+            try:
+                report.plot_history(self.history, directory)
+            except ImportError as err:
+                self._warn_once("plots", f"GSLoRA: plots not written ({err}); pip install matplotlib")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+
+class _PerTask:
+    """A float given once for all tasks or once per task."""
+
+    def __init__(self, name: str, value: Union[float, Sequence[float]]) -> None:
+        self.name = name
+        self.value = value
+        values = [value] if isinstance(value, (int, float)) else list(value)
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+        if bad or not values:
+            raise ValueError(f"{name} must be a number >= 0 or a list of them (one per task), got {value!r}")
+        self.values = [float(v) for v in values]
+        self.per_task = not isinstance(value, (int, float))
+
+    def __getitem__(self, task: int) -> float:
+        return self.values[task] if self.per_task else self.values[0]
+
+
+def _unpack(batch: Any, what: str) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        labels = batch[1]
+        if labels.ndim == 1 and not labels.is_floating_point():
+            return batch[0], labels.long()
+    raise TypeError(
+        f"GSLoRA needs {what} batches (x, y) with integer class labels y of shape [batch]; got "
+        f"{_describe(batch)}"
+    )
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {list(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        parts = [f"tensor{list(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch]
+        return f"a {type(batch).__name__} ({', '.join(parts)})"
+    return f"a {type(batch).__name__}"
+
+
+def _split_training_batch(batch: Any, task_view: TaskView) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:
+    """``(x_retain, y_retain, x_forget, y_forget)`` from a ``{"retain", "forget"}`` or an ``(x, y)`` batch."""
+    if isinstance(batch, Mapping):
+        if set(batch) != {"retain", "forget"}:
+            raise TypeError(
+                f"GSLoRA training batches that are dicts must have exactly the keys 'retain' and 'forget'; got "
+                f"{sorted(map(str, batch))}"
+            )
+        x_r, y_r = _unpack(batch["retain"], "retain")
+        x_f, y_f = _unpack(batch["forget"], "forget")
+        return x_r, y_r, x_f, y_f
+    inputs, labels = _unpack(batch, "training")
+    forgotten = task_view.forgotten | task_view.old
+    mask = torch.isin(labels, torch.tensor(sorted(forgotten), device=labels.device, dtype=labels.dtype))
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"GSLoRA splits (x, y) batches by label and needs x to be a tensor; got {_describe(inputs)}")
+    return inputs[~mask], labels[~mask], inputs[mask], labels[mask]
+
+
+def _flatten_loaders(loaders: Any) -> list:
+    if loaders is None:
+        return []
+    if isinstance(loaders, CombinedLoader):
+        return list(loaders.flattened)
+    if isinstance(loaders, Mapping):
+        return [dl for value in loaders.values() for dl in _flatten_loaders(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [dl for value in loaders for dl in _flatten_loaders(value)]
+    return [loaders]
+
+
+def _loggable(row: dict[str, Any]) -> dict[str, float]:
+    skip = {"task", "kind", "stage", "forgotten", "epoch", "step"}
+    return {k: v for k, v in row.items()
+            if k not in skip and not k.startswith("n_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _all_reduce_class_sums(trainer: pl.Trainer, sums: dict[int, torch.Tensor],
+                           counts: dict[int, int]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    device = trainer.strategy.root_device
+    local_max = torch.tensor(max(sums) if sums else -1, device=device)
+    num = int(trainer.strategy.reduce(local_max, reduce_op="max")) + 1
+    dim = torch.tensor(next(iter(sums.values())).shape[0] if sums else 0, device=device)
+    dim = int(trainer.strategy.reduce(dim, reduce_op="max"))
+    total = torch.zeros(num, dim, device=device)
+    number = torch.zeros(num, device=device)
+    for label, value in sums.items():
+        total[label] = value.to(device)
+        number[label] = counts[label]
+    total = trainer.strategy.reduce(total, reduce_op="sum")
+    number = trainer.strategy.reduce(number, reduce_op="sum")
+    present = (number > 0).nonzero().flatten().tolist()
+    return {c: total[c] for c in present}, {c: int(number[c]) for c in present}

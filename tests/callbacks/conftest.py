@@ -1,0 +1,76 @@
+"""Fixtures for the GSLoRA tests: a tiny ViT pretrained once per session on MNIST-5k, and its data."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+TINY_VIT = dict(depth=2, embed_dim=32, patch_size=7, image_size=28, num_heads=2, lr=1e-2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower end-to-end tests (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the machines these run on have 2 shared cores; one thread is ~20x faster than two contended ones here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet():
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+
+
+def trainer_kwargs(**overrides):
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def quiet():
+    """``quiet(**overrides)``: Trainer keyword arguments for a quiet single-CPU run."""
+    return trainer_kwargs
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from lightning_plugins.modules import MNIST5kDataModule
+
+    datamodule = MNIST5kDataModule(batch_size=64)
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.fixture(scope="session")
+def pretrained_vit(mnist, tmp_path_factory):
+    """``make()`` returns a fresh tiny ViT (2 blocks, width 32, patch 7) with the session's pretrained weights."""
+    import lightning.pytorch as pl
+
+    from lightning_plugins.modules import ImageClassifier
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(**TINY_VIT)
+    pl.Trainer(max_epochs=15, **trainer_kwargs()).fit(model, mnist)
+    torch.set_num_threads(threads)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def make():
+        fresh = ImageClassifier(**TINY_VIT)
+        fresh.load_state_dict(state)
+        return fresh
+
+    return make
