@@ -7,3 +7,11 @@ Sub-packages:
 """
 
 __version__ = "0.1.0"
+
+# The FP8 precision plugin, and the Trainer(precision="fp8-msamp") string (see precision/registration.py).
+from lightning_plugins.precision import MSAMPFabricPrecision, MSAMPPrecision  # noqa: E402
+from lightning_plugins.precision.registration import register_on_import as _register_on_import  # noqa: E402
+
+_register_on_import()
+
+__all__ = ["MSAMPFabricPrecision", "MSAMPPrecision", "__version__"]

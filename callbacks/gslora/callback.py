@@ -71,6 +71,10 @@ class GSLoRA(Callback):
     DataModule protocol (optional; :class:`ForgettingDataModule` implements it):
     ``set_forgetting_task(index, forgotten, old)``, ``missing_classes``, ``prototype_dataloader()``.
 
+    Limits: Lightning checks that the module defines a ``training_step`` before any callback runs, so a module
+    needs one (any; it is replaced). Use a launcher that keeps the callback in the main process (single device,
+    ``strategy="ddp"``), not ``ddp_spawn``, whose workers' copies of the callback state are lost.
+
     Args:
         tasks: the classes to forget, one list per task, e.g. ``[[0, 1], [2, 3], [4, 5]]``.
         target: regex (or list) full-matched against module names to pick the LoRA layers; its named group
@@ -84,6 +88,9 @@ class GSLoRA(Callback):
         beta: weight of the bounded forgetting loss; one value or one per task (paper: 0.2-0.25).
         bound: BND of ``ReLU(BND - CE)``. The paper's 105 suits CosFace logits (scale 64); for a plain linear head
             a value around 10-30 is the right scale (default 20).
+        bound_per_sample: bound each forgotten sample's CE (``mean_i ReLU(BND - CE_i)``) instead of the batch
+            mean (the paper). The batch mean can be satisfied by pushing one forgotten class very far while another
+            is still recognised; this extension keeps pushing every sample until its own CE reaches BND.
         alpha: weight of the group-lasso term (paper: 1e-4).
         alpha_warmup_epochs: the group-lasso weight is 0 during the first epochs of each task (paper: 0 in its
             continual runs, 20-30 in some single-step runs).
@@ -119,6 +126,7 @@ class GSLoRA(Callback):
         lora_alpha: float = 1.0,
         beta: Union[float, Sequence[float]] = 0.2,
         bound: float = 20.0,
+        bound_per_sample: bool = False,
         alpha: float = 1e-4,
         alpha_warmup_epochs: int = 0,
         prototypes: bool = False,
@@ -167,6 +175,7 @@ class GSLoRA(Callback):
         self.lora_alpha = float(lora_alpha)
         self.betas = self._per_task("beta", beta)
         self.bound = float(bound)
+        self.bound_per_sample = bound_per_sample
         self.alpha = float(alpha)
         self.alpha_warmup_epochs = alpha_warmup_epochs
         self.prototypes = prototypes
@@ -500,7 +509,7 @@ class GSLoRA(Callback):
         loss = gslora_loss(
             logits_r, y_r, logits_f, y_f, list(self._groups.values()),
             beta=self.betas[self.task_index], bound=self.bound, alpha=self._alpha_now,
-            prototype_term=prototype_term,
+            prototype_term=prototype_term, bound_per_sample=self.bound_per_sample,
         )
         size = len(y_r) + len(y_f)
         values = {"loss": loss.total, "retain_ce": loss.retain, "forget_term": loss.forget,

@@ -30,13 +30,19 @@ def retention_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def bounded_forgetting_loss(logits: torch.Tensor, targets: torch.Tensor, bound: float) -> torch.Tensor:
+def bounded_forgetting_loss(
+    logits: torch.Tensor, targets: torch.Tensor, bound: float, per_sample: bool = False
+) -> torch.Tensor:
     """``ReLU(bound - CE)`` with CE the mean cross-entropy of the batch to forget (0 for an empty batch).
 
-    Minimising it raises the forgotten samples' CE until it reaches ``bound``, then stops pushing.
+    Minimising it raises the forgotten samples' CE until it reaches ``bound``, then stops pushing. The batch mean
+    (the paper) can reach the bound with some forgotten classes pushed far and others not at all; ``per_sample``
+    bounds each sample instead, ``mean_i ReLU(bound - CE_i)``, so every sample is pushed until its own CE is there.
     """
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
+    if per_sample:
+        return F.relu(bound - F.cross_entropy(logits.float(), targets, reduction="none")).mean()
     return F.relu(bound - F.cross_entropy(logits.float(), targets))
 
 
@@ -113,11 +119,12 @@ def gslora_loss(
     bound: float,
     alpha: float,
     prototype_term: Optional[torch.Tensor] = None,
+    bound_per_sample: bool = False,
 ) -> GSLoRALoss:
     """Compose the GS-LoRA objective (see the module docstring); ``prototype_term`` is an already weighted
-    :func:`prototype_loss` (GS-LoRA++) or ``None``."""
+    :func:`prototype_loss` (GS-LoRA++) or ``None``; ``bound_per_sample`` as in :func:`bounded_forgetting_loss`."""
     retain = retention_loss(retain_logits, retain_targets)
-    forget = bounded_forgetting_loss(forget_logits, forget_targets, bound)
+    forget = bounded_forgetting_loss(forget_logits, forget_targets, bound, bound_per_sample)
     structure = group_lasso(groups) if groups else retain.new_zeros(())
     prototype = prototype_term if prototype_term is not None else retain.new_zeros(())
     total = retain + beta * forget + alpha * structure + prototype

@@ -43,7 +43,8 @@ class LabelledCorrect(Metric):
         self.correct.append((logits.detach().argmax(dim=-1) == labels).long().flatten())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.labels:
+        # after a distributed sync the list states are already concatenated tensors
+        if isinstance(self.labels, list) and not self.labels:
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty, empty
         return dim_zero_cat(self.labels), dim_zero_cat(self.correct)

@@ -11,10 +11,6 @@ import torch
 TINY_VIT = dict(depth=2, embed_dim=32, patch_size=7, image_size=28, num_heads=2, lr=1e-2)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: slower end-to-end tests (deselect with -m 'not slow')")
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     # the machines these run on have 2 shared cores; one thread is ~20x faster than two contended ones here
@@ -39,9 +35,13 @@ def trainer_kwargs(**overrides):
 
 
 @pytest.fixture
-def quiet():
-    """``quiet(**overrides)``: Trainer keyword arguments for a quiet single-CPU run."""
-    return trainer_kwargs
+def quiet(tmp_path):
+    """``quiet(**overrides)``: Trainer keyword arguments for a quiet single-CPU run writing under ``tmp_path``."""
+
+    def kwargs(**overrides):
+        return trainer_kwargs(**{"default_root_dir": str(tmp_path), **overrides})
+
+    return kwargs
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +64,8 @@ def pretrained_vit(mnist, tmp_path_factory):
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(**TINY_VIT)
-    pl.Trainer(max_epochs=15, **trainer_kwargs()).fit(model, mnist)
+    root = tmp_path_factory.mktemp("pretrain")
+    pl.Trainer(max_epochs=15, **trainer_kwargs(default_root_dir=str(root))).fit(model, mnist)
     torch.set_num_threads(threads)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 

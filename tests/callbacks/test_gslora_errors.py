@@ -166,3 +166,29 @@ def test_batch_without_labels(quiet):
     trainer = pl.Trainer(max_epochs=1, callbacks=[GSLoRA([[0]])], **quiet())
     with pytest.raises(TypeError, match=r"batches \(x, y\) with integer class labels"):
         trainer.fit(UserModule(), train_dataloaders=bad)
+
+
+class NormedModule(UserModule):
+    """A user module with BatchNorm: its running statistics must stay frozen while forgetting."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_frozen_batchnorm_and_precision(quiet, precision):
+    module = NormedModule()
+    stats = module.norm.running_mean.clone()
+    head = module.out.weight.clone()
+    callback = GSLoRA([[0], [1]], lr=0.05)
+    for _ in range(2):
+        trainer = pl.Trainer(max_epochs=2, callbacks=[callback], **quiet(precision=precision))
+        trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader())
+    assert callback.finished
+    assert torch.equal(module.norm.running_mean, stats) and torch.equal(module.out.weight, head)
+    assert [row["kind"] for row in callback.history].count("val") == 4  # validation ran through the wrapper
+    assert all(row["acc_f"] is not None for row in callback.task_results())

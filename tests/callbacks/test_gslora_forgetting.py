@@ -60,6 +60,9 @@ def test_tiny_vit_forgets_three_tasks_one_fit_per_task(pretrained_vit, mnist, qu
     test_row = callback.history[-1]
     assert test_row["kind"] == "test" and test_row["task"] == 2
     assert test_row["acc_f"] <= 10.0 and test_row["acc_o"] <= 10.0 and test_row["acc_r"] > 60
+    pl.Trainer(callbacks=[callback], **quiet()).validate(model, data, verbose=False)
+    assert callback.history[-1]["kind"] == "validate"
+    assert callback.history[-1]["acc_f"] == rows[-1]["acc_f"] and callback.history[-1]["acc_r"] == rows[-1]["acc_r"]
 
 
 class DigitNet(pl.LightningModule):
@@ -98,7 +101,7 @@ def test_plain_user_module_is_forgotten_from(mnist, quiet):
     subset = Subset(mnist.train_set, torch.randperm(len(mnist.train_set))[: len(mnist.train_set) // 5].tolist())
     train = DataLoader(subset, batch_size=32, shuffle=True)
     callback = GSLoRA([[3]], beta=0.1, bound=15.0, lr=None, plots=False)  # lr=None: the module's own AdamW
-    trainer = pl.Trainer(max_epochs=15, callbacks=[callback], **quiet(default_root_dir=None))
+    trainer = pl.Trainer(max_epochs=15, callbacks=[callback], **quiet())
     trainer.fit(model, train_dataloaders=train, val_dataloaders=mnist.val_dataloader())
     row = callback.task_results()[0]
     print("\nplain module:", {k: row[k] for k in ("acc_f_before", "acc_f", "acc_r_before", "acc_r")})
@@ -121,7 +124,7 @@ def test_gslora_plus_plus_few_shot_with_missing_classes(pretrained_vit, mnist, q
     model = pretrained_vit()
     data = ForgettingDataModule(mnist, shots=4, batch_size=4, missing_classes=[9], eval_batch_size=500)
     callback = GSLoRA([[0, 1], [2, 3]], prototypes=True, proto_forget_weight=[0.05, 0.05], proto_bound=18.0,
-                      beta=0.1, bound=15.0, output_dir=str(tmp_path))
+                      beta=0.1, bound=15.0, output_dir=str(tmp_path), eval_test=True)
     spy = KeepState(callback)
     rows = forget_sequence(model, data, callback, trainer=dict(max_epochs=30, callbacks=[spy], **quiet()))
     first_task = spy.states[0]["prototypes"]
@@ -133,6 +136,7 @@ def test_gslora_plus_plus_few_shot_with_missing_classes(pretrained_vit, mnist, q
     for row in rows:
         assert row["acc_m"] is not None and row["n_missing"] > 0
         assert row["drop"] > 0
+        assert row["test_acc_f"] is not None and row["test_acc_f_before"] > row["test_acc_f"]
     assert rows[0]["acc_f"] <= 20.0
 
 

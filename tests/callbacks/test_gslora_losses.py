@@ -36,6 +36,16 @@ def test_bounded_forgetting():
     assert logits.grad[0, 0] > 0 and logits.grad[1, 1] > 0
 
 
+def test_bounded_forgetting_per_sample():
+    # per-sample CE: log(1 + e^-2) = 0.126928 and log 2 = 0.693147; only the first is below the bound 0.5
+    per_sample = bounded_forgetting_loss(LOGITS, TARGETS, bound=0.5, per_sample=True)
+    assert float(per_sample) == pytest.approx((0.5 - math.log(1 + math.exp(-2))) / 2)
+    assert float(bounded_forgetting_loss(LOGITS, TARGETS, bound=0.5)) == pytest.approx(0.5 - CE_MEAN)
+    # the batch mean reaches a bound of 0.4 although the first sample is still well recognised
+    assert float(bounded_forgetting_loss(LOGITS, TARGETS, bound=0.4)) == 0.0
+    assert float(bounded_forgetting_loss(LOGITS, TARGETS, bound=0.4, per_sample=True)) > 0.0
+
+
 def test_group_lasso_is_sum_of_group_l2_norms():
     groups = [[torch.tensor([3.0, 4.0])], [torch.tensor([[1.0, 2.0]]), torch.tensor([2.0])]]
     assert float(group_lasso(groups)) == pytest.approx(5.0 + 3.0)

@@ -1,0 +1,26 @@
+"""Lightning precision plugins for FP8 training (MS-AMP's recipe), built on :mod:`lightning_plugins.fp8`.
+
+* :class:`MSAMPPrecision`: the Trainer plugin; ``Trainer(precision="fp8-msamp")`` (after
+  ``import lightning_plugins``) is ``MSAMPPrecision()`` = level O2.
+* :class:`MSAMPFabricPrecision`: the Fabric counterpart (optimizer swap explicit: ``convert_optimizer``).
+* :func:`to_portable_checkpoint`: a checkpoint that plain fp32 models and ``torch.optim.AdamW`` can load.
+* :mod:`~lightning_plugins.precision.registration`: the ``"fp8-msamp"`` string (a minimal patch, see there).
+"""
+
+from lightning_plugins.precision.checkpoint import to_portable_checkpoint
+from lightning_plugins.precision.fabric import MSAMPFabricPrecision
+from lightning_plugins.precision.msamp import MSAMPPrecision
+from lightning_plugins.precision.registration import (
+    PRECISION_FLAG,
+    register_precision_flag,
+    unregister_precision_flag,
+)
+
+__all__ = [
+    "PRECISION_FLAG",
+    "MSAMPFabricPrecision",
+    "MSAMPPrecision",
+    "register_precision_flag",
+    "to_portable_checkpoint",
+    "unregister_precision_flag",
+]

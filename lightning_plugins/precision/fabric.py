@@ -1,0 +1,431 @@
+"""``MSAMPFabricPrecision``: MS-AMP's FP8 recipe (O1/O2) as a Lightning Fabric precision plugin.
+
+It holds everything that does not depend on the Trainer: conversion, the forward context, the
+FP8 gradient reduction, the skip-on-inf/NaN optimizer step, clipping, and the scaling state. The
+Trainer plugin (:class:`~lightning_plugins.precision.MSAMPPrecision`) adds the optimizer swap in
+``connect``, the closure handling and the checkpoint hooks.
+
+Fabric has no ``connect`` hook, so at O2 swap the optimizer yourself::
+
+    plugin = MSAMPFabricPrecision(level="O2")
+    fabric = Fabric(plugins=[plugin])
+    model = plugin.convert_module(model)
+    optimizer = plugin.convert_optimizer(torch.optim.AdamW(model.parameters()), model)
+    model, optimizer = fabric.setup(model, optimizer)
+
+and clip with ``plugin.clip_grad_by_norm(optimizer, max_norm)`` (``fabric.clip_gradients`` only
+sees ``param.grad``, not the FP8 weight gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.precision.precision import Precision as FabricPrecision
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_plugins.fp8 import (
+    DEFAULT_EXCLUDE,
+    ConversionReport,
+    FP8Linear,
+    ScaledTensor,
+    ScalingRegistry,
+    clear_fp8_grads,
+    convert_to_fp8,
+    fp8_linear_weights,
+    from_optimizer,
+    frozen_scaling,
+    get_fp8_grad,
+    quantize,
+    set_fp8_grad,
+)
+from lightning_plugins.fp8.comm import fp8_all_reduce
+from lightning_plugins.fp8.optim import _FP8AdamBase
+from lightning_plugins.precision import grads, settings
+
+__all__ = ["MSAMPFabricPrecision"]
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_WGRAD_DTYPE = torch.float8_e4m3fn  # FP8Linear's weight-gradient format
+
+
+class MSAMPFabricPrecision(FabricPrecision):
+    """FP8 training with MS-AMP's recipe for Lightning Fabric (and the base of the Trainer plugin).
+
+    Args:
+        level: ``"O1"``: FP8 GEMMs (E4M3 activations/weights, E5M2 output gradients, FP8-saved
+            activations), E4M3-rounded weight gradients in ``.grad`` and FP8 gradient communication;
+            weights and optimizer untouched (any optimizer). ``"O2"``: O1 plus FP16 master weights
+            for the FP8 layers, E4M3 weight gradients kept in FP8, and Adam/AdamW swapped for
+            :class:`~lightning_plugins.fp8.FP8AdamW`/``FP8Adam`` (E4M3 first moment, FP16 second moment).
+        backend: FP8 GEMM backend: ``"auto"`` (``"torch"`` on CUDA compute capability >= 8.9, else
+            ``"emulated"``), ``"torch"``, ``"emulated"`` or ``"te"``.
+        module_filter_fn: ``(module, fully qualified name) -> bool``; False keeps an ``nn.Linear`` as is.
+        exclude: module-name patterns kept in high precision (whole dotted components, or globs).
+        compute_dtype: autocast dtype of the non-FP8 ops: ``None`` = bf16 on CUDA and fp32 (no
+            autocast) on CPU, where bf16 is much slower; or ``"bfloat16"``/``"float32"``.
+        dim_multiple: both dimensions of a converted layer must be multiples of this (16 for the
+            CUDA FP8 kernels).
+        amax_history_len: delayed-scaling window for activations and output gradients.
+        margin: powers of two of headroom in every FP8 scale.
+        grad_comm: ``"fp8"``: FP8 weight gradients travel between data-parallel ranks as E4M3 bytes
+            with per-tensor scales, summed in fp32; ``"hp"``: they are all-reduced in fp32.
+        exp_avg_dtype: O2 first-moment storage (``"e4m3"``, ``"fp16"``, ``"fp32"``).
+        exp_avg_sq_dtype: O2 second-moment storage (``"fp16"``, ``"fp32"``).
+        sqrt_exp_avg_sq: O2: store ``sqrt(v)`` (avoids FP16 underflow of tiny second moments).
+        master_weights: O2 storage of FP8-layer weights: ``"fp16"`` (2 bytes, MS-AMP), ``"fp16_scaled"``
+            (fp32 param on the scaled FP16 grid) or ``"fp32"``.
+        checkpoint_format: ``"native"`` (FP16 masters and FP8 optimizer states, compact, exact) or
+            ``"portable"`` (fp32 weights and ``torch.optim.Adam`` states; a plain run can resume it).
+            Used by the Trainer plugin's checkpoint hooks.
+    """
+
+    precision = "fp8-msamp"
+    # The Trainer may call convert_module again with a new model (fit, then fit another); Fabric must not
+    # silently drop the scaling states of a first model.
+    _replaces_model = False
+
+    def __init__(
+        self,
+        level: Literal["O1", "O2"] = "O2",
+        backend: Literal["auto", "torch", "emulated", "te"] = "auto",
+        module_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+        exclude: Optional[Sequence[str]] = DEFAULT_EXCLUDE,
+        compute_dtype: Optional[Union[str, torch.dtype]] = None,
+        dim_multiple: int = 16,
+        amax_history_len: int = 16,
+        margin: int = 0,
+        grad_comm: Literal["fp8", "hp"] = "fp8",
+        exp_avg_dtype: Literal["e4m3", "fp16", "fp32"] = "e4m3",
+        exp_avg_sq_dtype: Literal["fp16", "fp32"] = "fp16",
+        sqrt_exp_avg_sq: bool = False,
+        master_weights: Literal["fp16", "fp16_scaled", "fp32"] = "fp16",
+        checkpoint_format: Literal["native", "portable"] = "native",
+    ) -> None:
+        self.level = settings.check_level(level)
+        self.backend = settings.check_backend(backend)
+        self.module_filter_fn = settings.check_filter(module_filter_fn)
+        self.exclude = settings.check_exclude(exclude)
+        self.compute_dtype = settings.check_compute_dtype(compute_dtype)
+        self.dim_multiple = settings.check_positive_int("dim_multiple", dim_multiple)
+        self.amax_history_len = settings.check_positive_int("amax_history_len", amax_history_len)
+        self.margin = settings.check_positive_int("margin", margin, minimum=0)
+        self.grad_comm = settings.check_choice("grad_comm", grad_comm, settings.GRAD_COMMS)
+        self.exp_avg_dtype, self.exp_avg_sq_dtype, self.master_weights = settings.check_optimizer_formats(
+            exp_avg_dtype, exp_avg_sq_dtype, master_weights
+        )
+        self.sqrt_exp_avg_sq = bool(sqrt_exp_avg_sq)
+        self.checkpoint_format = settings.check_choice("checkpoint_format", checkpoint_format, settings.CHECKPOINT_FORMATS)
+        self.skipped_steps = 0
+        self.conversion_report: Optional[ConversionReport] = None
+        self._module: Optional[nn.Module] = None
+        self._registry: Optional[ScalingRegistry] = None
+        self._fp8_weight_names: list[str] = []
+        self._reduce_group: Any = None
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._optimizers: list[Optimizer] = []  # set by the Trainer plugin's connect
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(level={self.level!r}, backend={self.backend!r})"
+
+    @property
+    def wgrad_mode(self) -> str:
+        """How FP8Linear delivers weight gradients: ``"dequantized"`` (``.grad``) at O1, ``"fp8"`` at O2."""
+        return "fp8" if self.level == "O2" else "dequantized"
+
+    @property
+    def registry(self) -> ScalingRegistry:
+        """The scaling states of the converted model (after :meth:`convert_module`)."""
+        if self._registry is None:
+            raise RuntimeError(f"{type(self).__name__} has no converted model yet; call convert_module(model) first.")
+        return self._registry
+
+    # ------------------------------------------------------------------ conversion
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Swap eligible ``nn.Linear`` layers for ``FP8Linear`` in place (idempotent) and log the table.
+
+        At O2 the FP8 layers' weights become the FP16 masters (before any DDP wrapping) and are kept
+        out of DDP's own gradient reduction: their gradients stay FP8 and this plugin reduces them.
+        """
+        if self._module is not None and module is not self._module and not self._replaces_model:
+            raise RuntimeError(
+                f"{type(self).__name__} already converted a model ({type(self._module).__name__}) and tracks its "
+                "FP8 scales; use one plugin instance per model."
+            )
+        _refuse_sharded(module)
+        self._check_existing_layers(module)
+        # the default patterns (even an unpickled copy) must not warn when they match nothing
+        exclude = DEFAULT_EXCLUDE if tuple(self.exclude) == DEFAULT_EXCLUDE else self.exclude
+        report = convert_to_fp8(
+            module,
+            self.module_filter_fn,
+            exclude,
+            dim_multiple=self.dim_multiple,
+            backend=self.backend,
+            amax_history_len=self.amax_history_len,
+            margin=self.margin,
+            wgrad_mode=self.wgrad_mode,
+            log_table=False,
+        )
+        rank_zero_info(f"{type(self).__name__}(level={self.level}): {report.table()}")
+        self.conversion_report = report
+        self._module = module
+        self._registry = ScalingRegistry(module)
+        weights = fp8_linear_weights(module)
+        ids = {id(w) for w in weights}
+        self._fp8_weight_names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
+        if self.level == "O2":
+            if self.master_weights == "fp16":
+                for w in weights:
+                    if w.dtype != torch.float16:
+                        w.data = w.data.to(torch.float16)
+            _ignore_in_ddp(module, self._fp8_weight_names)
+            _broadcast_from_rank0([w.data for w in weights])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._reduce_group = dist.group.WORLD
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+        return module
+
+    def _check_existing_layers(self, module: nn.Module) -> None:
+        wrong = [n for n, m in module.named_modules() if isinstance(m, FP8Linear) and m.wgrad_mode != self.wgrad_mode]
+        if wrong:
+            raise ValueError(
+                f"Layers {wrong} are FP8Linear with a wgrad_mode other than {self.wgrad_mode!r}, which level "
+                f"{self.level} needs; convert them with wgrad_mode={self.wgrad_mode!r} or leave them as nn.Linear."
+            )
+
+    def convert_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
+        """At O2, the FP8 counterpart of a ``torch.optim.Adam``/``AdamW`` (same param groups); else ``optimizer``.
+
+        Raises:
+            TypeError: at O2 for any other optimizer class.
+            ValueError: for an unsupported Adam option (amsgrad, fused, foreach, capturable, differentiable).
+        """
+        if self.level != "O2" or isinstance(optimizer, _FP8AdamBase):
+            return optimizer
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            raise TypeError(
+                f"MSAMPPrecision(level='O2') keeps Adam's moments in FP8/FP16 and needs torch.optim.Adam or "
+                f"torch.optim.AdamW, got {type(optimizer).__module__}.{type(optimizer).__qualname__}. Return Adam/AdamW "
+                "from configure_optimizers, or use level='O1' (FP8 compute and communication, any optimizer)."
+            )
+        return from_optimizer(
+            optimizer,
+            model=model,
+            exp_avg_dtype=self.exp_avg_dtype,
+            exp_avg_sq_dtype=self.exp_avg_sq_dtype,
+            sqrt_exp_avg_sq=self.sqrt_exp_avg_sq,
+            master_weights=self.master_weights,
+        )
+
+    # ------------------------------------------------------------------ contexts
+
+    def _autocast_targets(self) -> list[tuple[str, torch.dtype]]:
+        cuda = torch.cuda.is_available()
+        if self.compute_dtype is None:
+            return [("cuda", torch.bfloat16)] if cuda else []
+        if self.compute_dtype == torch.float32:
+            return []
+        return [("cpu", self.compute_dtype)] + ([("cuda", self.compute_dtype)] if cuda else [])
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """Autocast to ``compute_dtype`` for the non-FP8 ops (FP8Linear handles its own casts)."""
+        with contextlib.ExitStack() as stack:
+            for device_type, dtype in self._autocast_targets():
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            yield
+
+    @contextlib.contextmanager
+    def eval_context(self) -> Generator[None, None, None]:
+        """Forward context for evaluation: FP8 casts record nothing, so the amax history only sees training."""
+        with frozen_scaling(), self.forward_context():
+            yield
+
+    # ------------------------------------------------------------------ gradients and the step
+
+    def _fp8_weight_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self._module is None or self.level != "O2":
+            return []
+        ids = {id(w) for w in fp8_linear_weights(self._module)}
+        return [p for p in params if id(p) in ids]
+
+    def _world(self) -> int:
+        return dist.get_world_size(self._reduce_group) if self._reduce_group is not None else 1
+
+    @torch.no_grad()
+    def reduce_fp8_grads(self, params: Iterable[torch.Tensor]) -> None:
+        """Average the FP8 side-channel weight gradients over the data-parallel ranks (O2 with DDP).
+
+        A no-op on one process. Every rank must call it with the same parameters; a parameter without
+        a gradient on some rank takes part with zeros there if any rank has one.
+        """
+        if self._world() == 1:
+            return
+        weights = self._fp8_weight_params(list(params))
+        if not weights:
+            return
+        device = weights[0].device
+        has = torch.tensor([float(get_fp8_grad(w) is not None) for w in weights], device=device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self._reduce_group)
+        active = [w for w, h in zip(weights, has.tolist()) if h > 0]
+        inputs = [_zero_fp8(w) if get_fp8_grad(w) is None else get_fp8_grad(w) for w in active]
+        if self.grad_comm == "fp8":
+            reduced, _ = fp8_all_reduce(inputs, self._reduce_group, average=True)
+        else:
+            reduced = _hp_all_reduce(inputs, self._reduce_group)
+        for w, r in zip(active, reduced):
+            set_fp8_grad(w, r)
+
+    def _found_nonfinite(self, params: Sequence[torch.Tensor]) -> bool:
+        flag = grads.grads_nonfinite(params)
+        if self._registry is not None:
+            flag = flag | self._registry.found_nonfinite().to(flag.device)
+        if self._world() > 1:
+            device = params[0].device if params else flag.device
+            as_float = flag.to(device=device, dtype=torch.float32)
+            dist.all_reduce(as_float, op=dist.ReduceOp.MAX, group=self._reduce_group)
+            return bool(as_float > 0)
+        return bool(flag)
+
+    def _step_or_skip(self, optimizer: Optimizer, found_nonfinite: bool, **kwargs: Any) -> Any:
+        """``optimizer.step()`` if the gradients are finite, else skip it and drop them; then the scaling update."""
+        result = None
+        if found_nonfinite:
+            self.skipped_steps += 1
+            layers = self._registry.nonfinite_layers() if self._registry is not None else []
+            _warn_rank_zero(
+                f"{type(self).__name__}: inf/NaN gradients, optimizer step skipped ({self.skipped_steps} skipped so "
+                f"far); FP8 states that saw them: {layers or 'none (high-precision gradients)'}. Their scales restart "
+                "with just-in-time scaling."
+            )
+            optimizer.zero_grad(set_to_none=True)
+            clear_fp8_grads(p for g in optimizer.param_groups for p in g["params"])
+        else:
+            result = optimizer.step(**kwargs)
+        if self._registry is not None:
+            self._registry.update()
+        return result
+
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        """Fabric: reduce FP8 gradients, then step, or skip the step on inf/NaN gradients."""
+        params = list(self.main_params(optimizer))
+        self.reduce_fp8_grads(params)
+        return self._step_or_skip(optimizer, self._found_nonfinite(params), **kwargs)
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float], norm_type: float = 2.0) -> Any:
+        """Clip the total norm of ``.grad`` and FP8 gradients (FP8 ones through their scale); returns the norm."""
+        return grads.clip_grad_norm_(self.main_params(optimizer), clip_val, norm_type)
+
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        """Clamp ``.grad`` and FP8 gradients elementwise to ``[-clip_val, clip_val]``."""
+        grads.clip_grad_value_(self.main_params(optimizer), clip_val)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scaling states (amax histories, scales, warm-up counters), the level and the skip counter."""
+        if self._registry is None:
+            return {}
+        return {
+            "format_version": _STATE_VERSION,
+            "level": self.level,
+            "skipped_steps": self.skipped_steps,
+            "fp8_weights": list(self._fp8_weight_names),
+            "checkpoint_format": self.checkpoint_format,
+            "scaling": self._registry.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; before :meth:`convert_module` it is kept and applied at conversion."""
+        if not state_dict:
+            return
+        version = state_dict.get("format_version")
+        if version != _STATE_VERSION or "scaling" not in state_dict:
+            raise ValueError(
+                f"Unsupported {type(self).__name__} state (format_version={version!r}); this version reads "
+                f"{_STATE_VERSION}. Was the checkpoint written by another plugin?"
+            )
+        if self._registry is None:
+            self._pending_state = state_dict
+            return
+        if state_dict.get("level") != self.level:
+            rank_zero_info(
+                f"{type(self).__name__}: the checkpoint was written at level {state_dict.get('level')}, resuming at "
+                f"{self.level}; the FP8 scales carry over."
+            )
+        self._registry.load_state_dict(state_dict["scaling"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _refuse_sharded(module: nn.Module) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise RuntimeError(
+            "MSAMPPrecision found sharded (DTensor) parameters: FSDP2/ModelParallelStrategy is not supported. "
+            "Use a single device or DDP (strategy='ddp')."
+        )
+
+
+def _ignore_in_ddp(module: nn.Module, names: Sequence[str]) -> None:
+    # DDP would all-reduce zeros for parameters whose gradient lives in the FP8 side channel.
+    existing = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, sorted(existing | set(names))
+    )
+
+
+def _broadcast_from_rank0(tensors: Sequence[torch.Tensor]) -> None:
+    """DDP does not broadcast ignored parameters: make the FP8 weights equal on all ranks ourselves."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    needs_cuda = dist.get_backend() == "nccl"
+    for t in tensors:
+        if needs_cuda and t.device.type != "cuda":
+            staged = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(staged, src=0)
+            t.copy_(staged.to(t.device))
+        else:
+            dist.broadcast(t, src=0)
+
+
+def _zero_fp8(weight: torch.Tensor) -> ScaledTensor:
+    data = torch.zeros(weight.shape, dtype=_WGRAD_DTYPE, device=weight.device)
+    return ScaledTensor(data, torch.ones((), dtype=torch.float32, device=weight.device))
+
+
+def _hp_all_reduce(inputs: Sequence[ScaledTensor], group: Any) -> list[ScaledTensor]:
+    """Average FP8 gradients in fp32 (``grad_comm="hp"``) and store the result in E4M3 again."""
+    flat = torch.cat([g.dequantize(torch.float32).reshape(-1) for g in inputs])
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    out, start = [], 0
+    for g in inputs:
+        n = g.data.numel()
+        q, bad = quantize(flat[start : start + n].view(g.data.shape), g.fmt)
+        out.append(ScaledTensor(q.data, torch.where(bad, torch.full_like(q.scale_inv, float("nan")), q.scale_inv)))
+        start += n
+    return out
+
+
+@rank_zero_only
+def _warn_rank_zero(message: str) -> None:
+    log.warning(message)

@@ -1,0 +1,138 @@
+"""``MSAMPPrecision``: the Trainer plugin behind ``precision="fp8-msamp"`` (MS-AMP's FP8 recipe, O1/O2).
+
+What each Trainer hook does (the FP8 machinery itself is in :mod:`lightning_plugins.fp8`):
+
+* ``convert_module``: ``nn.Linear`` -> ``FP8Linear`` in place, table logged (see the Fabric base class).
+* ``connect``: O2 swaps ``Adam``/``AdamW`` for ``FP8Adam``/``FP8AdamW`` and re-binds the LR
+  schedulers; with DDP at O1 it registers the FP8 gradient communication hook.
+* ``optimizer_step``: closure, FP8 gradient reduction (O2 + DDP), inf/NaN check, Lightning's
+  ``on_before_optimizer_step`` + clipping, then the step or a skip, then the delayed-scaling update.
+* ``clip_grad_by_norm``/``clip_grad_by_value``: include the FP8 weight gradients.
+* ``val/test/predict_step_context``: FP8 casts record nothing (the amax history sees training only).
+* ``state_dict``/``on_save_checkpoint``/``on_load_checkpoint``: scales in the checkpoint; optional
+  portable checkpoint; an FP8 optimizer state is converted when the run resuming it uses a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.plugins.precision.precision import Precision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import LBFGS, Optimizer
+
+import lightning.pytorch as pl
+from lightning_plugins.fp8 import fp8_linear_weights, rebind_lr_schedulers
+from lightning_plugins.fp8.comm import register_fp8_comm_hook
+from lightning_plugins.fp8.optim import _FP8AdamBase
+from lightning_plugins.precision.checkpoint import is_fp8_optimizer_state, to_portable_checkpoint, to_torch_optimizer_state
+from lightning_plugins.precision.fabric import MSAMPFabricPrecision
+
+__all__ = ["MSAMPPrecision"]
+
+
+class MSAMPPrecision(Precision, MSAMPFabricPrecision):
+    _replaces_model = True
+
+    def connect(
+        self, model: nn.Module, optimizers: list[Optimizer], lr_scheduler_configs: list[Any]
+    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        """O2: swap Adam/AdamW for the FP8 optimizers and re-bind the LR schedulers. DDP: set up FP8 communication."""
+        self._reduce_group = None
+        if isinstance(model, DistributedDataParallel):
+            if torch.distributed.get_world_size(model.process_group) > 1:
+                self._reduce_group = model.process_group
+            if self.level == "O1" and self.grad_comm == "fp8":
+                register_fp8_comm_hook(model, fp8_linear_weights(model))
+        new_optimizers = []
+        for optimizer in optimizers:
+            new = self.convert_optimizer(optimizer, model)
+            if new is not optimizer:
+                rebind_lr_schedulers(lr_scheduler_configs, optimizer, new)
+            new_optimizers.append(new)
+        self._optimizers = new_optimizers
+        return model, new_optimizers, lr_scheduler_configs
+
+    def optimizer_step(  # type: ignore[override]
+        self,
+        optimizer: Optimizer,
+        model: pl.LightningModule,
+        closure: Callable[[], Any],
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure, reduce and check the gradients, then step, or skip the step on inf/NaN."""
+        if isinstance(optimizer, LBFGS):
+            raise MisconfigurationException(
+                "MSAMPPrecision and torch.optim.LBFGS are not compatible: LBFGS re-evaluates the closure inside its "
+                "step, which the inf/NaN skip cannot guard. Use Adam/AdamW (O2) or another first-order optimizer (O1)."
+            )
+        closure_result = closure()
+        if closure_result is None and model.automatic_optimization:
+            # training_step returned None: no backward, nothing to step (as Lightning's AMP plugin).
+            if self._registry is not None:
+                self._registry.update()
+            return closure_result
+        params = list(self.main_params(optimizer))
+        self.reduce_fp8_grads(params)
+        found = self._found_nonfinite(params)
+        self._after_closure(model, optimizer)
+        self._step_or_skip(optimizer, found, **kwargs)
+        return closure_result
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:  # type: ignore[override]
+        MSAMPFabricPrecision.clip_grad_by_norm(self, optimizer, clip_val)
+
+    def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        MSAMPFabricPrecision.clip_grad_by_value(self, optimizer, clip_val)
+
+    @contextlib.contextmanager
+    def val_step_context(self) -> Generator[None, None, None]:
+        with self.eval_context():
+            yield
+
+    @contextlib.contextmanager
+    def test_step_context(self) -> Generator[None, None, None]:
+        with self.eval_context():
+            yield
+
+    @contextlib.contextmanager
+    def predict_step_context(self) -> Generator[None, None, None]:
+        with self.eval_context():
+            yield
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With ``checkpoint_format="portable"``: fp32 FP8-layer weights and torch Adam optimizer states."""
+        if self.checkpoint_format == "portable":
+            checkpoint.update(to_portable_checkpoint(checkpoint, self._fp8_weight_names))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Give a torch optimizer (e.g. at O1) the dequantized moments of a checkpoint saved by an FP8 optimizer."""
+        saved = checkpoint.get("optimizer_states")
+        current = self._optimizers
+        if not saved:
+            return
+        checkpoint["optimizer_states"] = [
+            to_torch_optimizer_state(s)
+            if is_fp8_optimizer_state(s) and i < len(current) and not isinstance(current[i], _FP8AdamBase)
+            else s
+            for i, s in enumerate(saved)
+        ]
+
+
+# One docstring for both plugins' options, so that LightningCLI's --help documents every argument.
+MSAMPPrecision.__doc__ = (
+    """FP8 mixed-precision training with MS-AMP's O1/O2 recipe, for ``Trainer(plugins=[...])``.
+
+    ``Trainer(precision="fp8-msamp")`` (after ``import lightning_plugins``) is ``MSAMPPrecision()``, i.e.
+    level ``"O2"``. Runs on CPU (emulated FP8 GEMMs, same arithmetic) and on CUDA GPUs with FP8 (compute
+    capability >= 8.9), with single-device and DDP strategies.
+
+"""
+    + MSAMPFabricPrecision.__doc__.split("\n\n", 1)[1]
+)
+

@@ -1,0 +1,36 @@
+"""Fixtures for the FP8 precision-plugin tests: one CPU thread, quiet Lightning, registration restored."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from lightning_plugins.precision import registration
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: one thread avoids contention and keeps runs deterministic and fast
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet():
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*model summary.*")
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    """Every test starts and ends with the string flag registered, as after ``import lightning_plugins``."""
+    registration.register_precision_flag()
+    yield
+    registration.register_precision_flag()

@@ -1,0 +1,155 @@
+"""The precision flag: Trainer(precision="fp8-msamp"), plugins=[MSAMPPrecision(...)] with stock Lightning, the
+LightningCLI forms (YAML `precision: fp8-msamp` and `class_path`), and one test per patched Lightning symbol."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import lightning
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+from precision_helpers import TinyMLP, loader, trainer_kwargs
+
+import lightning_plugins
+from lightning_plugins import MSAMPPrecision
+from lightning_plugins.fp8 import FP8AdamW
+from lightning_plugins.precision import registration
+
+
+def _precision_literals():
+    return registration._literal_values(pl.Trainer.__init__.__annotations__["precision"])
+
+
+@pytest.fixture
+def stock_lightning():
+    """Lightning exactly as installed: the flag unregistered for the duration of the test."""
+    registration.unregister_precision_flag()
+    yield
+    registration.register_precision_flag()
+
+
+def test_import_registers_the_flag():
+    assert lightning_plugins.MSAMPPrecision is MSAMPPrecision
+    assert registration.is_registered()
+    assert registration.lightning_version_supported()
+    trainer = pl.Trainer(**trainer_kwargs(precision="fp8-msamp"))
+    assert isinstance(trainer.precision_plugin, MSAMPPrecision)
+    assert trainer.precision_plugin.level == "O2"
+    assert trainer.precision == "fp8-msamp"
+
+
+def test_string_flag_keeps_other_plugins():
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    io = TorchCheckpointIO()
+    trainer = pl.Trainer(**trainer_kwargs(precision="fp8-msamp", plugins=io))
+    assert trainer.strategy.checkpoint_io is io
+    assert isinstance(trainer.precision_plugin, MSAMPPrecision)
+
+
+def test_other_precision_strings_are_untouched():
+    assert type(pl.Trainer(**trainer_kwargs(precision="bf16-mixed")).precision_plugin).__name__ == "MixedPrecision"
+    with pytest.raises(ValueError, match="Precision 'fp9' is invalid"):
+        pl.Trainer(**trainer_kwargs(precision="fp9"))
+
+
+def test_plugin_instance_with_stock_lightning(stock_lightning):
+    with pytest.raises(ValueError, match="Precision 'fp8-msamp' is invalid"):
+        pl.Trainer(**trainer_kwargs(precision="fp8-msamp"))
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=2, limit_val_batches=0), plugins=[MSAMPPrecision(level="O1")])
+    trainer.fit(TinyMLP(), loader())
+    assert trainer.precision_plugin.level == "O1"
+
+
+# --- patched symbol 1: _AcceleratorConnector.__init__ ---------------------------------------------------------
+
+
+def test_patched_connector_init():
+    original = registration._ORIGINALS["connector_init"]
+    params = inspect.signature(original).parameters
+    assert "precision" in params and "plugins" in params
+    assert _AcceleratorConnector.__init__ is not original
+    assert _AcceleratorConnector.__init__.__wrapped__ is original
+    registration.unregister_precision_flag()
+    assert _AcceleratorConnector.__init__ is original
+    registration.register_precision_flag()
+    # positional call (the Trainer uses keywords) goes through the same translation
+    connector = _AcceleratorConnector("auto", 1, "cpu", "auto", None, "fp8-msamp")
+    assert isinstance(connector.precision_plugin, MSAMPPrecision)
+
+
+# --- patched symbol 2: Trainer.__init__.__annotations__["precision"] ---------------------------------------------
+
+
+def test_patched_trainer_precision_annotation():
+    assert "fp8-msamp" in _precision_literals()
+    assert {"32-true", "bf16-mixed", 32, "16"} <= _precision_literals()  # Lightning's values are all still there
+    original = registration._ORIGINALS["annotation"]
+    registration.unregister_precision_flag()
+    assert pl.Trainer.__init__.__annotations__["precision"] is original
+    assert "fp8-msamp" not in _precision_literals()
+
+
+def test_register_is_idempotent():
+    init, annotation = _AcceleratorConnector.__init__, pl.Trainer.__init__.__annotations__["precision"]
+    registration.register_precision_flag()
+    registration.register_precision_flag()
+    assert _AcceleratorConnector.__init__ is init
+    assert pl.Trainer.__init__.__annotations__["precision"] is annotation
+
+
+@pytest.mark.parametrize("version", ["2.3.3", "2.7.0", "3.0.0"])
+def test_untested_lightning_version_refuses_with_the_alternative(stock_lightning, monkeypatch, version):
+    monkeypatch.setattr(registration, "_lightning_version", lambda: version)
+    original = _AcceleratorConnector.__init__
+    with pytest.raises(RuntimeError, match=rf"Lightning {version} is not a tested version.*plugins=\[lightning_plugins"):
+        registration.register_precision_flag()
+    assert not registration.is_registered()
+    assert _AcceleratorConnector.__init__ is original
+    assert "fp8-msamp" not in _precision_literals()
+    with pytest.warns(UserWarning, match="Pass the plugin instance instead"):
+        registration.register_on_import()
+
+
+def test_installed_lightning_is_in_the_tested_range():
+    assert registration.lightning_version_supported(lightning.__version__)
+
+
+# --- LightningCLI --------------------------------------------------------------------------------------------------
+
+
+def _cli(tmp_path, trainer_config):
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "max_steps": 2, "enable_progress_bar": False,
+                          "enable_checkpointing": False, "enable_model_summary": False, **trainer_config}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LightningCLI(TinyMLP, run=False, args=["--config", str(path)], save_config_callback=None)
+
+
+def test_cli_yaml_precision_string(tmp_path):
+    cli = _cli(tmp_path, {"precision": "fp8-msamp"})
+    assert isinstance(cli.trainer.precision_plugin, MSAMPPrecision)
+    cli.trainer.fit(cli.model, loader())
+    assert isinstance(cli.trainer.optimizers[0], FP8AdamW)
+
+
+def test_cli_yaml_precision_string_needs_the_patch(tmp_path, stock_lightning):
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, {"precision": "fp8-msamp"})
+
+
+def test_cli_class_path_with_stock_lightning(tmp_path, stock_lightning):
+    plugin = {"class_path": "lightning_plugins.MSAMPPrecision",
+              "init_args": {"level": "O1", "compute_dtype": "float32", "exclude": ["net.4"]}}
+    cli = _cli(tmp_path, {"plugins": [plugin]})
+    made = cli.trainer.precision_plugin
+    assert isinstance(made, MSAMPPrecision)
+    assert (made.level, made.compute_dtype, made.exclude) == ("O1", torch.float32, ("net.4",))
+    cli.trainer.fit(cli.model, loader())
