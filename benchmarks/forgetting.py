@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,11 +53,11 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 
 def pretrain(args: argparse.Namespace, data: MNIST5kDataModule) -> tuple[dict, float]:
     """Train (or load the cached) classifier; return its state dict and the pretraining wall time."""
-    cache = args.out / "pretrained.pt"
+    cache = args.cache or Path(tempfile.gettempdir()) / f"lightning-plugins-forgetting-{args.size}-{args.seed}.pt"
     config = {"model": MODELS[args.size], "epochs": args.pretrain_epochs, "lr": args.pretrain_lr, "seed": args.seed}
     if cache.exists():
         stored = torch.load(cache, weights_only=True)
-        if stored["config"] == json.loads(json.dumps(config)):
+        if stored.get("config") == json.loads(json.dumps(config)):
             print(f"pretrained model loaded from {cache} ({stored['seconds']:.0f} s to train)")
             return stored["state"], stored["seconds"]
     pl.seed_everything(args.seed, verbose=False)
@@ -248,6 +249,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/forgetting"))
     parser.add_argument("--size", choices=sorted(MODELS), default="full")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="pretrained weights cache (default: <tmp>/lightning-plugins-forgetting-<size>-<seed>.pt)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few epochs: a smoke run")
     parser.add_argument("--methods", default="gslora,gslora++,finetune,retrain,gslora-4shot,gslora++-4shot")
     parser.add_argument("--tasks", default="0,1;2,3;4,5", help="classes per task: '0,1;2,3;4,5'")

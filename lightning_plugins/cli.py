@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -46,6 +48,8 @@ class LightningPluginsCLI(LightningCLI):
     ) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        # re-running a recipe (the demo, a benchmark) must not fail because its config.yaml already exists
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(model_class or LightningModule, datamodule_class or LightningDataModule, args=args, **kwargs)
 
     def instantiate_classes(self) -> None:
@@ -65,6 +69,26 @@ class LightningPluginsCLI(LightningCLI):
                 f"model.num_classes={model_classes} but the data has {data_classes} classes; "
                 f"set model.init_args.num_classes: {data_classes}"
             )
+
+
+def fit_and_test(config: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Build model, data and trainer from a CLI config (plus command-line style overrides), fit, then test.
+
+    Returns the test metrics with ``parameters``, ``epochs``, ``fit_seconds`` and ``test_samples`` added.
+    """
+    cli = LightningPluginsCLI(args=["--config", str(config), *overrides], run=False)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    test_set = getattr(cli.datamodule, "test_set", None)
+    return {
+        **metrics,
+        "parameters": sum(p.numel() for p in cli.model.parameters()),
+        "epochs": cli.trainer.current_epoch,
+        "fit_seconds": fit_seconds,
+        "test_samples": len(test_set) if test_set is not None else None,
+    }
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -758,7 +758,8 @@ class GSLoRA(Callback):
         ]
         if datamodule is not None:
             try:
-                candidates.append((getattr(datamodule, "num_classes", None), f"{type(datamodule).__name__}.num_classes"))
+                declared = getattr(datamodule, "num_classes", None)
+                candidates.append((declared, f"{type(datamodule).__name__}.num_classes"))
             except RuntimeError:
                 pass  # a datamodule that knows its classes only after setup; the logits are checked later
         for value, source in candidates:

@@ -347,7 +347,9 @@ class ForgettingDataModule(pl.LightningDataModule):
             raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
         dataset = self.val_set if stage == "val" else self.test_set
         if dataset is None:
-            raise RuntimeError(f"{type(self).__name__} has no {stage} data; pass {stage}_set=... or a datamodule with it")
+            raise RuntimeError(
+                f"{type(self).__name__} has no {stage} data; pass {stage}_set=... or a datamodule with it"
+            )
         return dataset
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler_cls: Any = None, seed: int = 0) -> DataLoader:

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Generator
 from typing import Any, Callable
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision.precision import Precision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -26,7 +27,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import LBFGS, Optimizer
 
-import lightning.pytorch as pl
 from lightning_plugins.fp8 import fp8_linear_weights, rebind_lr_schedulers
 from lightning_plugins.fp8.comm import register_fp8_comm_hook
 from lightning_plugins.fp8.optim import _FP8AdamBase
@@ -37,6 +37,7 @@ __all__ = ["MSAMPPrecision"]
 
 
 class MSAMPPrecision(Precision, MSAMPFabricPrecision):
+    # (the docstring, with every argument, is composed below the class from MSAMPFabricPrecision's)
     _replaces_model = True
 
     def connect(
