@@ -1,6 +1,6 @@
 """Loss curves of ``32-true`` vs ``fp8-msamp`` O1 vs O2: same seed, same data order, same steps.
 
-    .venv/bin/python benchmarks/fp8_accuracy.py              # both tasks (about 8-10 min on 2 CPU cores)
+    .venv/bin/python benchmarks/fp8_accuracy.py              # both tasks (about 8-9 min, 1 CPU thread)
     .venv/bin/python benchmarks/fp8_accuracy.py --tasks lm   # one task
     .venv/bin/python benchmarks/fp8_accuracy.py --quick      # a short smoke run (few steps)
 
@@ -15,12 +15,15 @@ Tasks:
 
 "Final loss" below is the mean training loss over the last 10% of the steps (single steps are noisy) and
 the held-out loss; the goal is each within 2% (relative) of ``32-true``, accuracy within 1 point, no NaN.
+One intra-op thread by default (``--threads``): on a 2-core machine shared with another busy process,
+2 OpenMP threads spin-wait on each other and run several times slower than 1.
 Writes ``benchmarks/results/fp8_accuracy.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -112,7 +115,8 @@ def lm_data(args: argparse.Namespace) -> tuple[TokenWindows, TokenWindows, dict[
     split = int(len(ids) * 0.95)
     train, held = TokenWindows(ids[:split], args.lm_seq), TokenWindows(ids[split:], args.lm_seq)
     info = {"chars": len(text), "files": len(sources), "first_file": sources[0], "last_file": sources[-1],
-            "tokens": len(ids), "vocab": tok.get_vocab_size(), "train_windows": len(train), "heldout_windows": len(held)}
+            "tokens": len(ids), "vocab": tok.get_vocab_size(), "train_windows": len(train),
+            "heldout_windows": len(held)}
     return train, held, info
 
 
@@ -162,7 +166,8 @@ def summarize(task: str, runs: dict[str, dict[str, Any]]) -> list[list[Any]]:
         dacc = "" if r["accuracy"] is None else f"{100 * (r['accuracy'] - base['accuracy']):+.2f}"
         ok = finite and abs(r["rel_train"]) <= 0.02 and abs(r["rel_heldout"]) <= 0.02
         if r["accuracy"] is not None:
-            ok = ok and abs(r["accuracy"] - base["accuracy"]) <= 0.01
+            # in whole test samples: 10 of 1,000 is exactly 1 point (no float rounding at the boundary)
+            ok = ok and round(abs(r["accuracy"] - base["accuracy"]) * 100, 6) <= 1.0
         r["goal_met"] = ok if mode != "32-true" else None
         rows.append([task, mode, r["optimizer"], len(r["losses"]), f"{r['final_train_loss']:.4f}",
                      f"{100 * r['rel_train']:+.2f} %", f"{r['heldout_loss']:.4f}", f"{100 * r['rel_heldout']:+.2f} %",
@@ -187,7 +192,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
             ax.plot(xs, sm, label=f"{mode} (held-out {r['heldout_loss']:.3f})", lw=1.2)
         ax.set_title({"vit": "ViT on MNIST-5k", "lm": "GPT-style LM on local text (BPE)"}.get(task, task))
         ax.set_xlabel("step")
-        ax.set_ylabel(f"training loss (moving avg)")
+        ax.set_ylabel("training loss (moving avg)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -199,7 +204,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="*", default=["vit", "lm"], choices=["vit", "lm"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vit-epochs", type=int, default=10, help="28 steps per epoch (batch 128)")
     parser.add_argument("--lm-steps", type=int, default=300)
     parser.add_argument("--lm-d", type=int, default=128)
@@ -210,7 +215,13 @@ def main() -> None:
     parser.add_argument("--lm-lr", type=float, default=2e-3)
     parser.add_argument("--lm-chars", type=int, default=1_500_000)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 ViT epoch, 20 LM steps")
+    parser.add_argument("--report-only", type=Path, default=None,
+                        help="rebuild the table/plot from a saved fp8_accuracy.json (no training)")
     args = parser.parse_args()
+    if args.report_only is not None:
+        saved = json.loads(args.report_only.read_text())
+        report(saved["results"], argparse.Namespace(**saved["config"]), saved["lm_data"], saved["total_seconds"])
+        return
     if args.quick:
         args.vit_epochs, args.lm_steps, args.lm_chars = 1, 20, 200_000
     torch.set_num_threads(args.threads)
@@ -234,12 +245,17 @@ def main() -> None:
             r = results["lm"][mode]
             print(f"lm {mode}: loss {tail_mean(r['losses']):.4f} held-out {r['heldout_loss']:.4f} "
                   f"({r['fit_seconds']:.0f} s)", flush=True)
+    report(results, args, data_info, time.perf_counter() - start)
+
+
+def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace, data_info: dict[str, Any],
+           total_s: float) -> None:
     rows = [row for task, runs in results.items() for row in summarize(task, runs)]
     headers = ["task", "precision", "optimizer", "steps", "final train loss (last 10%)", "vs 32-true",
                "held-out loss", "vs 32-true", "test acc", "Δacc (pt)", "finite", "skipped", "fit s", "goal"]
     table = markdown_table(headers, rows)
     env = environment()
-    total_s = time.perf_counter() - start
+    env["cpu_threads"] = args.threads
     sizes = []
     if "vit" in results:
         sizes.append(f"ViT: examples/configs/vit_mnist5k.yaml (embed 128, depth 4, patch 7, batch 128, AdamW lr 2e-3 "
@@ -247,10 +263,12 @@ def main() -> None:
                      f"{len(results['vit']['32-true']['losses'])} steps, validation off, test on the 20% test split.")
     if "lm" in results:
         lm = results["lm"]["32-true"]
-        sizes.append(f"LM: GPT d_model {args.lm_d}, {args.lm_layers} layers, {args.lm_d // 32} heads, seq {args.lm_seq}, "
+        sizes.append(f"LM: GPT d_model {args.lm_d}, {args.lm_layers} layers, {args.lm_d // 32} heads, "
+                     f"seq {args.lm_seq}, "
                      f"batch {args.lm_batch}, {lm['parameters']:,} params, BPE vocab {data_info.get('vocab')}, "
                      f"AdamW lr {args.lm_lr} (linear warm-up {max(1, args.lm_steps // 20)} steps), grad clip 1.0, "
-                     f"{args.lm_steps} steps; text: {data_info.get('files')} stdlib files, {data_info.get('chars'):,} chars, "
+                     f"{args.lm_steps} steps; text: {data_info.get('files')} stdlib files, "
+                     f"{data_info.get('chars'):,} chars, "
                      f"{data_info.get('tokens'):,} tokens (5% held out).")
     md = "\n".join([
         f"# FP8 accuracy: 32-true vs fp8-msamp O1/O2 (torch {env['torch']}, {args.threads} CPU threads, "

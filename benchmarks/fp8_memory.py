@@ -63,8 +63,6 @@ def _trainer_kwargs(mode: str) -> dict[str, Any]:
 
 
 def _state_bytes(params: list, optimizer: Any) -> dict[str, float]:
-    import torch
-
     from lightning_plugins.fp8 import get_fp8_grad, optimizer_state_bytes
 
     numel = sum(p.numel() for p in params)
@@ -92,7 +90,6 @@ def _state_bytes(params: list, optimizer: Any) -> dict[str, float]:
         "total_Bpp": per(total),
         "total_bytes": total,
         "weight_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
-        "_torch": torch.__version__,
     }
 
 
@@ -278,7 +275,8 @@ def main() -> None:
                          f"**{_fmt(s['total_Bpp'])}**"])
     state_table = markdown_table(headers, rows)
     base = next((r for r in runs if r["mode"] == "32-true"), runs[0])
-    headers2 = ["precision", "optimizer", "FP8 layers", "Linear input saved (B/elem)", "Linear weight copies saved (MiB)",
+    headers2 = ["precision", "optimizer", "FP8 layers", "Linear input saved (B/elem)",
+                "Linear weight copies saved (MiB)",
                 "all saved activations (MiB)", "state total (MiB)", "state vs 32-true", "RSS delta (MiB)",
                 "peak RSS delta (MiB)", "fit time (s)", "loss after N"]
     rows2 = []
@@ -287,8 +285,10 @@ def main() -> None:
         rows2.append([
             run["mode"], run["optimizer"], run["fp8_layers"], _fmt(a["linear_input_bytes_per_element"]),
             _fmt(a["linear_weight_copies_MiB"]), _fmt(a["model_saved_MiB"]),
-            _fmt(run["whole"]["total_bytes"] / 2**20), f"{run['whole']['total_bytes'] / base['whole']['total_bytes']:.2f}x",
-            f"{run['rss_delta_MiB']:.0f}", "n/a" if run["peak_rss_delta_MiB"] is None else f"{run['peak_rss_delta_MiB']:.0f}",
+            _fmt(run["whole"]["total_bytes"] / 2**20),
+            f"{run['whole']['total_bytes'] / base['whole']['total_bytes']:.2f}x",
+            f"{run['rss_delta_MiB']:.0f}",
+            "n/a" if run["peak_rss_delta_MiB"] is None else f"{run['peak_rss_delta_MiB']:.0f}",
             f"{run['fit_seconds']:.1f}", f"{run['final_loss']:.3f}",
         ])
     proc_table = markdown_table(headers2, rows2)

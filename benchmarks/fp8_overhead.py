@@ -28,7 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from lightning.fabric import Fabric  # noqa: E402
 
-from _gpt import GPT, GPTConfig, environment, lm_loss, markdown_table, quiet_lightning, random_token_batches  # noqa: E402
+from _gpt import (  # noqa: E402
+    GPT,
+    GPTConfig,
+    environment,
+    lm_loss,
+    markdown_table,
+    quiet_lightning,
+    random_token_batches,
+    write_results,
+)
 from lightning_plugins.precision import MSAMPFabricPrecision  # noqa: E402
 
 MODES = ("32-true", "fp8-msamp O1", "fp8-msamp O2")
@@ -87,7 +96,7 @@ def main() -> None:
     batches = random_token_batches(cfg, args.batch_size, args.steps)
     runners = [Runner(mode, cfg) for mode in MODES]
     for r in runners:
-        for x, y in batches[: args.warmup] if args.warmup <= len(batches) else batches * args.warmup:
+        for x, y in (batches * args.warmup)[: args.warmup]:
             r.step(x, y)
     for rnd in range(args.rounds):
         order = runners[rnd % len(runners) :] + runners[: rnd % len(runners)]
@@ -121,8 +130,6 @@ def main() -> None:
         f"after {args.warmup} warm-up steps; Fabric + precision plugin, one process.", "",
         markdown_table(headers, rows), "",
     ])
-    from _gpt import write_results
-
     write_results("fp8_overhead", {"environment": env, "config": vars(args), "model": cfg.__dict__, "runs": runs}, md)
     print(md)
 

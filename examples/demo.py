@@ -1,49 +1,39 @@
-"""The README demo: a Vision Transformer trained on 5,000 real MNIST digits, then tested.
+"""The README demo: a Vision Transformer trained on 5,000 real MNIST digits, tested, then asked to forget.
 
-The recipe is the CLI config ``examples/configs/vit_mnist5k.yaml`` (the same one
-``lightning-plugins fit --config examples/configs/vit_mnist5k.yaml`` runs). Extra command-line arguments are
-passed through as config overrides, e.g. ``python examples/demo.py --trainer.max_epochs=5``.
+1. ``examples/configs/vit_mnist5k.yaml`` (the recipe ``lightning-plugins fit`` runs): train, test, save weights.
+2. ``examples/configs/gslora_mnist5k.yaml`` (the recipe ``lightning-plugins forget`` runs): from those weights,
+   GS-LoRA erases digits {0,1}, then {2,3}, then {4,5}, and the per-task table is printed.
+
+Extra command-line arguments override the training recipe, e.g. ``python examples/demo.py --trainer.max_epochs=5``.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from lightning_plugins.cli import LightningPluginsCLI
+from lightning_plugins.cli import fit_and_test, forget_from_config
 
-CONFIG = Path(__file__).resolve().parent / "configs" / "vit_mnist5k.yaml"
-
-
-def train_and_test(config: Path, overrides: list[str]) -> dict[str, float]:
-    """Build model, data and trainer from ``config``; fit; test; return the figures."""
-    cli = LightningPluginsCLI(args=["--config", str(config), *overrides], run=False)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - start
-    result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    return {
-        "parameters": sum(p.numel() for p in cli.model.parameters()),
-        "epochs": cli.trainer.current_epoch,
-        "fit_seconds": fit_seconds,
-        "test_acc": result["test/acc"],
-        "test_images": len(cli.datamodule.test_set),
-    }
+CONFIGS = Path(__file__).resolve().parent / "configs"
+WEIGHTS = Path("outputs") / "demo" / "vit_mnist5k.pt"
 
 
 def main(argv: list[str]) -> None:
-    print(f"lightning-plugins demo: {CONFIG.name} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    figures = train_and_test(CONFIG, argv)
-    print()
-    print("| run | parameters | epochs | fit time | test accuracy |")
-    print("|---|---|---|---|---|")
+    print(f"lightning-plugins demo (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
+    print("\n== 1/2: train the ViT on MNIST-5k (examples/configs/vit_mnist5k.yaml) ==")
+    figures = fit_and_test(CONFIGS / "vit_mnist5k.yaml", argv, save_weights=WEIGHTS)
+    print("\nTraining (32-true)")
+    print("| parameters | epochs | fit time | test accuracy |")
+    print("|---|---|---|---|")
     print(
-        f"| ViT, 32-true | {figures['parameters']:,} | {figures['epochs']} | {figures['fit_seconds']:.0f} s "
-        f"| {100 * figures['test_acc']:.2f} % of {figures['test_images']} |"
+        f"| {figures['parameters']:,} | {figures['epochs']} | {figures['fit_seconds']:.0f} s "
+        f"| {100 * figures['test/acc']:.2f} % of {figures['test_samples']} test images |"
     )
+    print("\n== 2/2: forget digits {0,1}, then {2,3}, then {4,5} with GS-LoRA (examples/configs/gslora_mnist5k.yaml) ==")
+    print("accuracies in %: f = classes forgotten in this task, r = retained classes, o = classes forgotten earlier")
+    forget_from_config(CONFIGS / "gslora_mnist5k.yaml", [f"--pretrained={WEIGHTS}"])
 
 
 if __name__ == "__main__":

@@ -184,16 +184,22 @@ class LightningPluginsCLI(LightningCLI):
         print(f"report: {directory} (table.txt, history.csv, history.json, plots)")
 
 
-def fit_and_test(config: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def fit_and_test(
+    config: str | Path, overrides: Sequence[str] = (), save_weights: Optional[str | Path] = None
+) -> dict[str, Any]:
     """Build model, data and trainer from a CLI config (plus command-line style overrides), fit, then test.
 
     Returns the test metrics with ``parameters``, ``epochs``, ``fit_seconds`` and ``test_samples`` added.
+    ``save_weights`` writes the trained model's ``state_dict`` there (loadable by ``forget --pretrained``).
     """
     cli = LightningPluginsCLI(args=["--config", str(config), *overrides], run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    if save_weights is not None:
+        Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cli.model.state_dict(), save_weights)
     test_set = getattr(cli.datamodule, "test_set", None)
     return {
         **metrics,
