@@ -12,12 +12,8 @@ TINY_VIT = dict(depth=2, embed_dim=32, patch_size=7, image_size=28, num_heads=2,
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # the machines these run on have 2 shared cores; one thread is ~20x faster than two contended ones here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,11 +20,8 @@ TINY_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp_path: Path, tasks=((0, 1), (2, 3), (4, 5))) -> Path:

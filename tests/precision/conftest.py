@@ -6,18 +6,13 @@ import logging
 import warnings
 
 import pytest
-import torch
 
 from lightning_plugins.precision import registration
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one thread avoids contention and keeps runs deterministic and fast
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")
