@@ -43,7 +43,8 @@ EXTRAS = {
     "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7"],
     "align": ["transformers>=4.44", "tokenizers>=0.19", "safetensors>=0.4", "gguf>=0.10"],
     "te": ["transformer-engine[pytorch]"],
-    "dev": ["pytest>=8", "build>=1.2", "wheel"],
+    # trl: the alignment losses are tested against TRL 1.16's own trainers on identical tensors
+    "dev": ["pytest>=8", "build>=1.2", "wheel", "trl==1.16.0", "datasets>=4"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "te" for req in reqs})
 
