@@ -1,5 +1,8 @@
 """Fixtures shared by the whole suite."""
 
+import logging
+import warnings
+
 import pytest
 import torch
 
@@ -15,3 +18,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quiet_lightning():
+    """Silence Lightning's info logs and warnings for the session (for suites that run many tiny Trainers)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 import pytest
 import torch
@@ -17,10 +15,8 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _quiet():
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
+def _quiet(quiet_lightning):
+    yield
 
 
 def trainer_kwargs(**overrides):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import pytest
@@ -16,10 +15,7 @@ def _one_thread(one_torch_thread):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _quiet():
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
+def _quiet(quiet_lightning):
     warnings.filterwarnings("ignore", message=".*model summary.*")
 
 
