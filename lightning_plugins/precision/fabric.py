@@ -157,7 +157,10 @@ class MSAMPFabricPrecision(FabricPrecision):
         At O2 the FP8 layers' weights become the FP16 masters (before any DDP wrapping) and are kept
         out of DDP's own gradient reduction: their gradients stay FP8 and this plugin reduces them.
         """
-        if self._module is not None and module is not self._module and not self._replaces_model:
+        if module is self._module:
+            # converted already (the user called this before ``Fabric.setup``, which calls it again)
+            return module
+        if self._module is not None and not self._replaces_model:
             raise RuntimeError(
                 f"{type(self).__name__} already converted a model ({type(self._module).__name__}) and tracks its "
                 "FP8 scales; use one plugin instance per model."

@@ -42,3 +42,14 @@ def test_fabric_skips_a_non_finite_step():
     assert plugin.skipped_steps == 1
     assert {int(s["step"]) for s in optimizer.optimizer.state.values()} == {5}
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_conversion_before_setup_is_logged_once(monkeypatch):
+    messages = []
+    monkeypatch.setattr("lightning_plugins.precision.fabric.rank_zero_info", messages.append)
+    plugin = MSAMPFabricPrecision(level="O1")
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+    model = plugin.convert_module(TinyMLP())
+    fabric.setup(model, torch.optim.AdamW(model.parameters()))
+    assert len([m for m in messages if m.startswith("MSAMPFabricPrecision(level=O1)")]) == 1
+    assert plugin.conversion_report is not None
