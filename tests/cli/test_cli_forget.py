@@ -84,6 +84,44 @@ def test_plain_fit_with_gslora_in_trainer_callbacks_runs_one_task(tmp_path):
     assert (tmp_path / "gslora" / "history.csv").is_file()
 
 
+def test_forget_resumes_from_a_mid_sequence_checkpoint_exactly(tmp_path):
+    """``forget --ckpt_path`` (a checkpoint of task 1, epoch 0) ends with the weights of the uninterrupted run."""
+    pretrained = tmp_path / "pretrained.pt"
+    torch.manual_seed(0)
+    cli = LightningPluginsCLI(args=["--config", str(tiny_config(tmp_path))], run=False)
+    torch.save(cli.model.state_dict(), pretrained)
+
+    def run(name: str, *overrides: str) -> tuple[list[dict], Path]:
+        root = tmp_path / name
+        root.mkdir()
+        config = yaml.safe_load(tiny_config(root, tasks=[[0, 1], [2, 3]]).read_text())
+        config["trainer"].update(max_epochs=2, enable_checkpointing=True)
+        config["trainer"]["callbacks"].append({
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root / "ckpts"), "filename": "{epoch}-{step}", "save_top_k": -1,
+                          "every_n_epochs": 1, "save_on_train_epoch_end": True},
+        })
+        path = root / "resume.yaml"
+        path.write_text(yaml.safe_dump(config))
+        torch.manual_seed(0)
+        return forget_from_config(path, list(overrides)), root / "ckpts"
+
+    full_rows, full_ckpts = run("full", f"--pretrained={pretrained}")
+    # one Trainer per task, global steps restart: task 1's files get Lightning's "-v1" suffix
+    assert sorted(p.name for p in full_ckpts.iterdir()) == [
+        "epoch=0-step=2-v1.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=4-v1.ckpt", "epoch=1-step=4.ckpt"]
+    resumed_rows, resumed_ckpts = run("resumed", f"--ckpt_path={full_ckpts / 'epoch=0-step=2-v1.ckpt'}")
+    assert [row["task"] for row in resumed_rows] == [0, 1]
+    assert sorted(p.name for p in resumed_ckpts.iterdir()) == ["epoch=1-step=4.ckpt"]  # task 1's last epoch
+    final = {name: torch.load(path, map_location="cpu", weights_only=True)["state_dict"] for name, path in
+             (("full", full_ckpts / "epoch=1-step=4-v1.ckpt"), ("resumed", resumed_ckpts / "epoch=1-step=4.ckpt"))}
+    assert final["full"].keys() == final["resumed"].keys()
+    for key, value in final["full"].items():
+        assert torch.equal(value, final["resumed"][key]), key
+    keys = ("acc_f", "acc_r", "acc_o")
+    assert [{k: r[k] for k in keys} for r in full_rows] == [{k: r[k] for k in keys} for r in resumed_rows]
+
+
 def fail_with(capsys, config: Path, *overrides: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(["forget", "--config", str(config), *overrides])
