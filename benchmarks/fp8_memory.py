@@ -63,34 +63,9 @@ def _trainer_kwargs(mode: str) -> dict[str, Any]:
 
 
 def _state_bytes(params: list, optimizer: Any) -> dict[str, float]:
-    from lightning_plugins.fp8 import get_fp8_grad, optimizer_state_bytes
+    from lightning_plugins.fp8 import training_state_bytes
 
-    numel = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = 0
-    for p in params:
-        if p.grad is not None:
-            grads += p.grad.numel() * p.grad.element_size()
-        g8 = get_fp8_grad(p)
-        if g8 is not None:
-            grads += g8.nbytes
-    opt = optimizer_state_bytes(optimizer, params)
-    assert opt["numel"] == numel, (opt["numel"], numel)
-    # opt["master"] is the FP8Linear parameter storage itself (already in `weights`)
-    states = {k: float(opt[k]) for k in ("exp_avg", "exp_avg_sq", "scales", "step", "other", "max_exp_avg_sq")}
-    total = weights + grads + sum(states.values())
-    per = lambda b: b / numel if numel else 0.0  # noqa: E731
-    return {
-        "numel": numel,
-        "weights_Bpp": per(weights),
-        "grads_Bpp": per(grads),
-        "exp_avg_Bpp": per(states["exp_avg"]),
-        "exp_avg_sq_Bpp": per(states["exp_avg_sq"]),
-        "scales_step_other_Bpp": per(states["scales"] + states["step"] + states["other"] + states["max_exp_avg_sq"]),
-        "total_Bpp": per(total),
-        "total_bytes": total,
-        "weight_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
-    }
+    return training_state_bytes(params, optimizer)
 
 
 def _saved_activations(model: Any, precision_plugin: Any, x: Any) -> dict[str, float]:

@@ -28,6 +28,7 @@ import lightning_plugins.callbacks  # noqa: F401
 import lightning_plugins.modules  # noqa: F401
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, forget_sequence, format_table
 from lightning_plugins.callbacks.gslora.tasks import check_class_range
+from lightning_plugins.precision import TrainingStateMeter
 
 DEBUG_ENV = "LIGHTNING_PLUGINS_DEBUG"
 
@@ -189,10 +190,14 @@ def fit_and_test(
 ) -> dict[str, Any]:
     """Build model, data and trainer from a CLI config (plus command-line style overrides), fit, then test.
 
-    Returns the test metrics with ``parameters``, ``epochs``, ``fit_seconds`` and ``test_samples`` added.
-    ``save_weights`` writes the trained model's ``state_dict`` there (loadable by ``forget --pretrained``).
+    Returns the test metrics with ``parameters``, ``epochs``, ``fit_seconds``, ``test_samples`` and
+    ``training_state`` (bytes per parameter of weights, gradients and optimizer state, from
+    :class:`~lightning_plugins.precision.TrainingStateMeter`) added. ``save_weights`` writes the trained model's
+    ``state_dict`` there (loadable by ``forget --pretrained``).
     """
     cli = LightningPluginsCLI(args=["--config", str(config), *overrides], run=False)
+    meter = TrainingStateMeter()
+    cli.trainer.callbacks.append(meter)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
@@ -207,6 +212,7 @@ def fit_and_test(
         "epochs": cli.trainer.current_epoch,
         "fit_seconds": fit_seconds,
         "test_samples": len(test_set) if test_set is not None else None,
+        "training_state": meter.measured,
     }
 
 

@@ -9,7 +9,8 @@
 * :class:`FP8Linear`, :func:`convert_to_fp8`, :class:`ScalingRegistry`, and the FP8 weight-gradient
   side channel (:func:`get_fp8_grad`, :func:`clear_fp8_grads`).
 * O2 optimizers: :class:`FP8AdamW`, :class:`FP8Adam`, :func:`from_optimizer`,
-  :func:`rebind_lr_schedulers`, :func:`optimizer_state_bytes`, :func:`to_torch_adam_state_dict`.
+  :func:`rebind_lr_schedulers`, :func:`optimizer_state_bytes`, :func:`training_state_bytes`,
+  :func:`to_torch_adam_state_dict`.
 """
 
 from lightning_plugins.fp8.convert import (
@@ -39,7 +40,12 @@ from lightning_plugins.fp8.optim import (
     fp8_linear_weights,
     from_optimizer,
 )
-from lightning_plugins.fp8.optim_utils import optimizer_state_bytes, rebind_lr_schedulers, to_torch_adam_state_dict
+from lightning_plugins.fp8.optim_utils import (
+    optimizer_state_bytes,
+    rebind_lr_schedulers,
+    to_torch_adam_state_dict,
+    training_state_bytes,
+)
 from lightning_plugins.fp8.quantize import ScaledTensor, dequantize, quantize, quantize_with_state, tensor_amax
 from lightning_plugins.fp8.registry import ScalingRegistry
 from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling, pow2_scale, scaling_frozen
@@ -82,6 +88,7 @@ __all__ = [
     "get_format",
     "matches_pattern",
     "optimizer_state_bytes",
+    "training_state_bytes",
     "pow2_scale",
     "quantize",
     "quantize_with_state",

@@ -11,8 +11,9 @@ import torch
 
 from lightning_plugins.fp8.optim import FORMAT_OPTIONS, _FP8AdamBase
 from lightning_plugins.fp8.quantize import dequantize
+from lightning_plugins.fp8.wgrad import get_fp8_grad
 
-__all__ = ["rebind_lr_schedulers", "optimizer_state_bytes", "to_torch_adam_state_dict"]
+__all__ = ["rebind_lr_schedulers", "optimizer_state_bytes", "training_state_bytes", "to_torch_adam_state_dict"]
 
 
 def _track_step_calls(opt: torch.optim.Optimizer) -> None:
@@ -103,6 +104,44 @@ def optimizer_state_bytes(
     out["numel"] = numel
     out["bytes_per_param"] = out["total"] / numel if numel else 0.0
     return out
+
+
+def training_state_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Persistent training-state bytes of ``params``: parameter storage, gradients and optimizer state.
+
+    Parameter storage is the master copy (fp32, or FP16 for O2's FP8 layers); gradients are ``.grad`` plus the FP8
+    side-channel gradients (measure while they exist, e.g. in ``on_before_optimizer_step``); optimizer state comes
+    from :func:`optimizer_state_bytes` without its ``master`` entry (that is the parameter storage already counted).
+    Returns bytes per parameter by kind (``*_Bpp``), ``total_Bpp``, ``total_bytes``, ``numel`` and ``weight_dtypes``.
+    """
+    params = list({id(p): p for p in params}.values())
+    numel = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = 0
+    for p in params:
+        if p.grad is not None:
+            grads += p.grad.numel() * p.grad.element_size()
+        fp8_grad = get_fp8_grad(p)
+        if fp8_grad is not None:
+            grads += fp8_grad.nbytes
+    opt = optimizer_state_bytes(optimizer, params)
+    states = {k: float(opt[k]) for k in ("exp_avg", "exp_avg_sq", "scales", "step", "other", "max_exp_avg_sq")}
+    total = weights + grads + sum(states.values())
+
+    def per(value: float) -> float:
+        return value / numel if numel else 0.0
+
+    return {
+        "numel": numel,
+        "weights_Bpp": per(weights),
+        "grads_Bpp": per(grads),
+        "exp_avg_Bpp": per(states["exp_avg"]),
+        "exp_avg_sq_Bpp": per(states["exp_avg_sq"]),
+        "scales_step_other_Bpp": per(states["scales"] + states["step"] + states["other"] + states["max_exp_avg_sq"]),
+        "total_Bpp": per(total),
+        "total_bytes": total,
+        "weight_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in params}),
+    }
 
 
 def to_torch_adam_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
