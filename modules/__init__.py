@@ -1,8 +1,17 @@
 """Ready LightningModules and DataModules (installed as ``lightning_plugins.modules``).
 
-Planned (later issues): ``FaceRecognizer``, ``ObjectDetector``, ``SFTModule``, ``RewardModel``, ``DPOModule``.
+Image classification (:class:`ImageClassifier` and its DataModules) and the Xwin-LM alignment stages
+(:class:`SFTModule`, :class:`RewardModel`, :class:`DPOModule`, their DataModules, rejection sampling: see
+:mod:`lightning_plugins.modules.align`). Planned (later issues): ``FaceRecognizer``, ``ObjectDetector``.
 """
 
+from lightning_plugins.modules.align import (
+    DPOModule,
+    PreferenceDataModule,
+    RewardModel,
+    SFTDataModule,
+    SFTModule,
+)
 from lightning_plugins.modules.data import (
     DigitsDataModule,
     ImageClassificationDataModule,
@@ -14,11 +23,16 @@ from lightning_plugins.modules.data import (
 from lightning_plugins.modules.image_classifier import ImageClassifier
 
 __all__ = [
+    "DPOModule",
     "DigitsDataModule",
     "ImageClassificationDataModule",
     "ImageClassifier",
     "ImageFolderDataModule",
     "LabelledImageDataset",
     "MNIST5kDataModule",
+    "PreferenceDataModule",
+    "RewardModel",
+    "SFTDataModule",
+    "SFTModule",
     "TensorDataModule",
 ]

@@ -1,7 +1,7 @@
 """Our losses against TRL 1.x's own trainers on one identical collated batch (alignment.md §3 recipe).
 
-Needs `trl` and `datasets` (the dev extras); skipped otherwise. Everything runs in fp32 on a tiny Llama built from
-a config with a word-level tokenizer built here, so nothing is downloaded. Measured with trl 1.16.0, datasets 5.2.0
+Needs `trl` and `datasets` (the dev extras, installed by the README test command). Everything runs in fp32 on a
+tiny Llama built from a config with a word-level tokenizer built here, so nothing is downloaded. Measured with trl 1.16.0, datasets 5.2.0
 and transformers 5.24.0: every loss and metric below matched bit-exactly (|diff| = 0.0).
 """
 
@@ -12,15 +12,14 @@ import copy
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import datasets  # the dev extra: a missing install fails the suite, never skips it
+import tokenizers
+import transformers
+import trl
 
-from lightning_plugins.modules.losses import dpo_loss, reward_loss, sequence_logps  # noqa: E402
+from lightning_plugins.modules.losses import dpo_loss, reward_loss, sequence_logps
 
-if int(trl.__version__.split(".")[0]) < 1:
-    pytest.skip(f"TRL parity is pinned to TRL 1.x, found {trl.__version__}", allow_module_level=True)
+assert trl.__version__ == "1.16.0", f"the TRL parity tests are pinned to trl 1.16.0, found {trl.__version__}"
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' checkpointing renames
 
