@@ -3,6 +3,7 @@
     lightning-plugins fit --config examples/configs/vit_mnist5k.yaml
     lightning-plugins fit --config my.yaml --model.init_args.lr=3e-4 --print_config
     lightning-plugins forget --config examples/configs/gslora_mnist5k.yaml --pretrained model.ckpt
+    lightning-plugins rejection-sample --config examples/configs/align_rs.yaml     (see commands.py)
 
 Models and datamodules are chosen by ``class_path`` (a project class by its short name, e.g. ``ImageClassifier``,
 or a user's own class by its full import path). This is the only module that knows the precision plugin, the
@@ -28,6 +29,7 @@ import lightning_plugins.callbacks  # noqa: F401
 import lightning_plugins.modules  # noqa: F401
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, forget_sequence, format_table
 from lightning_plugins.callbacks.gslora.tasks import check_class_range
+from lightning_plugins.commands import DESCRIPTION, CommandError, maybe_run_command
 from lightning_plugins.precision import TrainingStateMeter
 
 DEBUG_ENV = "LIGHTNING_PLUGINS_DEBUG"
@@ -297,10 +299,11 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def main(args: ArgsType = None) -> None:
-    """Console entry point of ``lightning-plugins``."""
+    """Console entry point of ``lightning-plugins``: LightningCLI, or a project subcommand (``commands.py``)."""
     try:
-        LightningPluginsCLI(args=args)
-    except ConfigurationError as err:
+        if maybe_run_command(args) is None:
+            LightningPluginsCLI(args=args, parser_kwargs={"description": DESCRIPTION})
+    except (ConfigurationError, CommandError) as err:
         print(f"lightning-plugins: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -5,6 +5,8 @@ Internal to ``lightning_plugins.modules.align``; the public names live in ``sft`
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = [
     "apply_lora",
     "attached_trainer",
+    "export_pretrained",
     "base_model",
     "configure_adamw",
     "disable_dropout",
@@ -166,3 +169,25 @@ def configure_adamw(module: nn.Module, lr: float, weight_decay: float, betas: tu
         return optimizer
     scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def export_pretrained(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
+    """Write ``model`` (LoRA adapters merged into a copy) and ``tokenizer`` as a Hugging Face folder.
+
+    The folder is what every stage's ``model:`` accepts, so a stage's output is the next stage's input. Weights are
+    written in fp32 whatever the training precision kept (e.g. FP16 masters under ``fp8-msamp`` O2).
+    """
+    path = Path(path)
+    export = model
+    if hasattr(model, "merge_and_unload"):  # a peft model: merge a copy, keep training state untouched
+        export = copy.deepcopy(model).merge_and_unload()
+    save = getattr(export, "save_pretrained", None)
+    if save is None:
+        raise TypeError(f"export_dir needs a Hugging Face model with `save_pretrained`, got {type(export).__name__}.")
+    state = {name: tensor.detach().to("cpu", torch.float32) if tensor.is_floating_point() else tensor.detach().cpu()
+             for name, tensor in export.state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
+    save(path, state_dict=state)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(path)
+    return path

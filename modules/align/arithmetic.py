@@ -43,13 +43,21 @@ class ArithmeticTask:
         sft_rows_per_prompt / sft_val_rows_per_prompt: noisy SFT rows per prompt in ``sft_train`` / ``sft_val``
             (same prompts, independent noise).
         rm_pairs_per_prompt: (correct, wrong) pairs per prompt for the reward model, with distinct wrong answers.
-        rm_val_fraction: fraction of prompts held out for ``rm_val`` (``rm_train`` uses the rest).
+        rm_split: how ``rm_val`` is held out. ``"pairs"`` (default): every prompt is in ``rm_train`` and ``rm_val``
+            holds ``rm_val_pairs_per_prompt`` pairs per prompt whose wrong answers never appear in ``rm_train`` (the
+            reward model must rank responses it has not seen; it scores all prompts in rejection sampling).
+            ``"prompts"``: a fraction ``rm_val_fraction`` of the prompts is held out entirely (the harder test of
+            learning addition itself, which a tiny reward model trained on 80 sums does not pass).
+        rm_val_pairs_per_prompt: held-out pairs per prompt with ``rm_split="pairs"``.
+        rm_val_fraction: fraction of prompts held out for ``rm_val`` with ``rm_split="prompts"``.
         max_operand: largest operand; wrong answers are drawn from ``0..2 * max_operand``.
     """
 
     def __init__(self, seed: int = 0, p_correct_sft: float = 0.4, sft_rows_per_prompt: int = 10,
-                 sft_val_rows_per_prompt: int = 2, rm_pairs_per_prompt: int = 4, rm_val_fraction: float = 0.2,
-                 max_operand: int = 9) -> None:
+                 sft_val_rows_per_prompt: int = 2, rm_pairs_per_prompt: int = 4, rm_split: str = "pairs",
+                 rm_val_pairs_per_prompt: int = 2, rm_val_fraction: float = 0.2, max_operand: int = 9) -> None:
+        if rm_split not in ("pairs", "prompts"):
+            raise ValueError(f"rm_split must be 'pairs' or 'prompts', got {rm_split!r}.")
         if not 0.0 <= p_correct_sft <= 1.0:
             raise ValueError(f"p_correct_sft must be in [0, 1], got {p_correct_sft}.")
         if not 0.0 < rm_val_fraction < 1.0:
@@ -57,16 +65,26 @@ class ArithmeticTask:
         if max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {max_operand}.")
         for name, value in (("sft_rows_per_prompt", sft_rows_per_prompt), ("rm_pairs_per_prompt", rm_pairs_per_prompt),
-                            ("sft_val_rows_per_prompt", sft_val_rows_per_prompt)):
+                            ("sft_val_rows_per_prompt", sft_val_rows_per_prompt),
+                            ("rm_val_pairs_per_prompt", rm_val_pairs_per_prompt)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         self.seed, self.p_correct_sft, self.max_operand = seed, p_correct_sft, max_operand
         self.sft_rows_per_prompt, self.sft_val_rows_per_prompt = sft_rows_per_prompt, sft_val_rows_per_prompt
+        if rm_split == "pairs" and rm_pairs_per_prompt + rm_val_pairs_per_prompt > 2 * max_operand:
+            raise ValueError(
+                f"rm_pairs_per_prompt + rm_val_pairs_per_prompt = {rm_pairs_per_prompt + rm_val_pairs_per_prompt} "
+                f"exceeds the {2 * max_operand} wrong answers of a prompt; lower one of them."
+            )
+        self.rm_split, self.rm_val_pairs_per_prompt = rm_split, rm_val_pairs_per_prompt
         self.rm_pairs_per_prompt = min(rm_pairs_per_prompt, 2 * max_operand)
-        shuffled = self.prompts()
-        random.Random(f"{seed}|rm-split").shuffle(shuffled)
-        n_val = max(1, round(rm_val_fraction * len(shuffled)))
-        self.rm_val_prompts, self.rm_train_prompts = sorted(shuffled[:n_val]), sorted(shuffled[n_val:])
+        if rm_split == "pairs":
+            self.rm_train_prompts = self.rm_val_prompts = self.prompts()
+        else:
+            shuffled = self.prompts()
+            random.Random(f"{seed}|rm-split").shuffle(shuffled)
+            n_val = max(1, round(rm_val_fraction * len(shuffled)))
+            self.rm_val_prompts, self.rm_train_prompts = sorted(shuffled[:n_val]), sorted(shuffled[n_val:])
 
     def prompts(self) -> list[str]:
         """All prompts, ``"0+0="`` ... ``"9+9="``."""
@@ -91,9 +109,19 @@ class ArithmeticTask:
         return rows
 
     def _rm_rows(self, prompts: list[str], stream: str) -> list[dict]:
-        rng = random.Random(f"{self.seed}|{stream}")
-        return [{"prompt": p, "chosen": gold_answer(p), "rejected": wrong}
-                for p in prompts for wrong in rng.sample(self.wrong_answers(p), self.rm_pairs_per_prompt)]
+        if self.rm_split == "prompts":
+            rng = random.Random(f"{self.seed}|{stream}")
+            return [{"prompt": p, "chosen": gold_answer(p), "rejected": wrong}
+                    for p in prompts for wrong in rng.sample(self.wrong_answers(p), self.rm_pairs_per_prompt)]
+        # one shuffle of the wrong answers per prompt, shared by both splits: train takes the first ones, val the next
+        rng = random.Random(f"{self.seed}|rm-pairs")
+        rows: dict[str, list[dict]] = {"rm-train": [], "rm-val": []}
+        for p in prompts:
+            wrong = rng.sample(self.wrong_answers(p), self.rm_pairs_per_prompt + self.rm_val_pairs_per_prompt)
+            for split, answers in (("rm-train", wrong[:self.rm_pairs_per_prompt]),
+                                   ("rm-val", wrong[self.rm_pairs_per_prompt:])):
+                rows[split] += [{"prompt": p, "chosen": gold_answer(p), "rejected": a} for a in answers]
+        return rows[stream]
 
     def write(self, folder: str | Path) -> dict[str, Path]:
         """Write ``sft_train``, ``sft_val``, ``rm_train``, ``rm_val`` and ``prompts`` (``.jsonl``) into ``folder``."""

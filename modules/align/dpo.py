@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from lightning_plugins.modules.align import ref_cache
 from lightning_plugins.modules.align._common import (
     apply_lora,
+    export_pretrained,
     attached_trainer,
     check_optimizer_args,
     configure_adamw,
@@ -79,6 +80,8 @@ class DPOModule(pl.LightningModule):
         cache_dir: folder of the precomputed reference cache (default ``ref_cache.default_cache_dir()``).
         gradient_checkpointing: non-reentrant activation checkpointing of the policy.
         disable_dropout: set every dropout probability of the policy and reference to 0 (TRL's default).
+        export_dir: when set, the trained policy (LoRA merged) and tokenizer are written there as a Hugging Face
+            folder at the end of ``fit``.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class DPOModule(pl.LightningModule):
         cache_dir: Optional[str] = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
+        export_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_optimizer_args(lr, weight_decay, warmup_steps, betas)
@@ -329,6 +333,10 @@ class DPOModule(pl.LightningModule):
             metric(value)
             self.log(f"train/{name}", metric, on_step=True, on_epoch=False, batch_size=pairs)
         return loss
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir is not None and self.trainer.is_global_zero:
+            export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
 
     def on_train_epoch_end(self) -> None:
         for metric in self.train_metrics.values():

@@ -53,6 +53,8 @@ class PairStats:
     """``verified`` rows whose responses are all correct or all incorrect."""
     skipped_identical: int = 0
     """Rows whose chosen and rejected texts are equal (duplicate responses)."""
+    dropped_empty: int = 0
+    """Empty (whitespace-only) responses left out before pairing: a DPO pair cannot have an empty completion."""
 
     @property
     def skipped(self) -> int:
@@ -119,7 +121,7 @@ def build_pairs(rows: Sequence[Mapping[str, Any]], strategy: str = "best_vs_wors
         return True
 
     for i, row in enumerate(rows):
-        row = validate_multi_response_row(dict(row), f"rows[{i}]")
+        row = _without_empty(validate_multi_response_row(dict(row), f"rows[{i}]"), stats)
         stats.rows += 1
         scores = row["scores"]
         n = len(scores)
@@ -167,6 +169,8 @@ def build_pairs(rows: Sequence[Mapping[str, Any]], strategy: str = "best_vs_wors
         emit(row, best, rejected)
 
     stats.pairs = len(pairs)
+    if stats.dropped_empty:
+        log.warning("pairs (%s): left out %d empty responses", strategy, stats.dropped_empty)
     if stats.skipped:
         log.warning("pairs (%s): skipped %d of %d rows (%s)", strategy, stats.skipped, stats.rows,
                     ", ".join(f"{k}={v}" for k, v in stats.as_dict().items() if k.startswith("skipped_") and v))
@@ -188,3 +192,16 @@ def run_build_pairs(input_path: str, output_path: str, strategy: str = "best_vs_
                          "strategy.")
     write_jsonl(pairs, output_path)
     return {**stats.as_dict(), "output": str(Path(output_path))}
+
+
+def _without_empty(row: dict, stats: PairStats) -> dict:
+    """The row without its empty responses (and their scores / labels), counting them in ``stats``."""
+    keep = [j for j, text in enumerate(row["responses"]) if text.strip()]
+    if len(keep) == len(row["responses"]):
+        return row
+    stats.dropped_empty += len(row["responses"]) - len(keep)
+    out = dict(row)
+    for key in ("responses", "scores", "correct"):
+        if key in row:
+            out[key] = [row[key][j] for j in keep]
+    return out

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_plugins.modules.align._common import (
     apply_lora,
+    export_pretrained,
     attached_trainer,
     check_optimizer_args,
     configure_adamw,
@@ -57,6 +58,8 @@ class SFTModule(pl.LightningModule):
             ``{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}``; None trains all weights.
         gradient_checkpointing: non-reentrant activation checkpointing of the transformer blocks.
         disable_dropout: set every dropout probability of the model to 0 (TRL's default).
+        export_dir: when set, the trained model (LoRA merged) and tokenizer are written there as a Hugging Face
+            folder at the end of ``fit``: the ``model:`` of the next stage (reward model, rejection sampling, DPO).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class SFTModule(pl.LightningModule):
         lora: Optional[dict[str, Any]] = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
+        export_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_optimizer_args(lr, weight_decay, warmup_steps, betas)
@@ -154,6 +158,10 @@ class SFTModule(pl.LightningModule):
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("val/token_accuracy", self.val_token_accuracy, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("val/num_tokens", self.val_tokens, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir is not None and self.trainer.is_global_zero:
+            export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
 
     def on_train_epoch_end(self) -> None:
         self.train_loss.reset()

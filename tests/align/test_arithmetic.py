@@ -43,19 +43,32 @@ def test_written_files(tmp_path):
     wrong = Counter(int(r["completion"]) for r, ok in zip(sft, correct) if not ok)
     assert set(wrong) <= set(range(19)) and len(wrong) == 19  # answers are bare numbers in 0..18
     rm_train, rm_val = read_jsonl(paths["rm_train"], "preference"), read_jsonl(paths["rm_val"], "preference")
-    train_p, val_p = {r["prompt"] for r in rm_train}, {r["prompt"] for r in rm_val}
-    assert len(train_p) == 80 and len(val_p) == 20 and not train_p & val_p  # held-out prompts
     for r in rm_train + rm_val:
         assert r["chosen"] == gold_answer(r["prompt"]) != r["rejected"] and 0 <= int(r["rejected"]) <= 18
-    per_prompt = Counter((r["prompt"], r["rejected"]) for r in rm_train)
-    assert max(per_prompt.values()) == 1 and len(rm_train) == 80 * 4  # distinct wrong answers per prompt
+    # default split "pairs": every prompt in both files, held-out pairs have wrong answers never seen in training
+    train_pairs = Counter((r["prompt"], r["rejected"]) for r in rm_train)
+    val_pairs = Counter((r["prompt"], r["rejected"]) for r in rm_val)
+    assert len(rm_train) == 100 * 4 and len(rm_val) == 100 * 2
+    assert max(train_pairs.values()) == max(val_pairs.values()) == 1 and not set(train_pairs) & set(val_pairs)
+    assert {p for p, _ in train_pairs} == {p for p, _ in val_pairs} == set(task.prompts())
     assert [r["prompt"] for r in read_jsonl(paths["prompts"], "prompts")] == task.prompts()
     again = ArithmeticTask(seed=0).write(tmp_path / "b")
     other = ArithmeticTask(seed=1).write(tmp_path / "c")
     for name in paths:
         assert paths[name].read_bytes() == again[name].read_bytes()
     assert paths["sft_train"].read_bytes() != other["sft_train"].read_bytes()
-    assert task.rm_val_prompts != ArithmeticTask(seed=1).rm_val_prompts
+    assert paths["rm_val"].read_bytes() != other["rm_val"].read_bytes()
+
+
+def test_prompt_split_holds_out_whole_prompts(tmp_path):
+    task = ArithmeticTask(seed=0, rm_split="prompts")
+    paths = task.write(tmp_path)
+    rm_train, rm_val = read_jsonl(paths["rm_train"], "preference"), read_jsonl(paths["rm_val"], "preference")
+    train_p, val_p = {r["prompt"] for r in rm_train}, {r["prompt"] for r in rm_val}
+    assert len(train_p) == 80 and len(val_p) == 20 and not train_p & val_p
+    per_prompt = Counter((r["prompt"], r["rejected"]) for r in rm_train)
+    assert max(per_prompt.values()) == 1 and len(rm_train) == 80 * 4  # distinct wrong answers per prompt
+    assert task.rm_val_prompts != ArithmeticTask(seed=1, rm_split="prompts").rm_val_prompts
 
 
 def test_task_argument_errors():
@@ -63,6 +76,10 @@ def test_task_argument_errors():
         ArithmeticTask(p_correct_sft=1.5)
     with pytest.raises(ValueError, match="rm_val_fraction"):
         ArithmeticTask(rm_val_fraction=0.0)
+    with pytest.raises(ValueError, match="rm_split must be 'pairs' or 'prompts', got 'rows'"):
+        ArithmeticTask(rm_split="rows")
+    with pytest.raises(ValueError, match="exceeds the 18 wrong answers"):
+        ArithmeticTask(rm_pairs_per_prompt=17, rm_val_pairs_per_prompt=2)
 
 
 @pytest.mark.parametrize(

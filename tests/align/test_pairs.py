@@ -108,3 +108,14 @@ def test_run_build_pairs_files(tmp_path):
     assert [json.loads(line) for line in lines] == [pair("c", "b", margin=0.0)]
     with pytest.raises(ValueError, match="No pairs"):
         run_build_pairs(str(source), str(tmp_path / "none.jsonl"), min_score_gap=100.0)
+
+
+def test_empty_responses_are_left_out_and_counted():
+    rows = [{"prompt": "p", "responses": ["", "a", " ", "b"], "scores": [-5.0, 2.0, -9.0, 1.0],
+             "correct": [False, True, False, False]}]
+    pairs, stats = build_pairs(rows, "best_vs_worst", return_stats=True)
+    assert pairs == [{"prompt": "p", "chosen": "a", "rejected": "b"}] and stats.dropped_empty == 2
+    pairs, stats = build_pairs(rows, "verified", return_stats=True)
+    assert pairs == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    pairs, stats = build_pairs([{"prompt": "p", "responses": ["", "a"], "scores": [1.0, 0.0]}], return_stats=True)
+    assert pairs == [] and stats.skipped_single == 1 and stats.dropped_empty == 1

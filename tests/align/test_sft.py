@@ -279,3 +279,29 @@ def test_trains_under_fp8_msamp_precision(tokenizer, one_torch_thread):
         module, torch.utils.data.DataLoader([batch], batch_size=None))
     assert type(module.model.model.layers[0].self_attn.q_proj).__name__ == "FP8Linear"
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_export_dir_writes_a_folder_the_next_stage_loads(tmp_path, one_torch_thread):
+    """The exported folder reloads through `load_causal_lm` with the trained weights (LoRA merged)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_plugins.modules.align.loading import load_causal_lm, load_tokenizer
+
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 32}
+    batch = {"input_ids": torch.tensor([[2, 20, 21, 22, 1]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 21, 22, 1]]), "window_tokens": torch.tensor(3)}
+    for lora in (None, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}):
+        torch.manual_seed(0)
+        out = tmp_path / ("lora" if lora else "full")
+        module = SFTModule(model=config, lr=1e-2, lora=lora, export_dir=str(out))
+        pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu").fit(module, DataLoader([batch] * 3, batch_size=None))
+        reloaded = load_causal_lm(str(out), load_tokenizer(str(out)))
+        module.eval()
+        with torch.no_grad():
+            expected = module(batch["input_ids"])
+            got = reloaded(input_ids=batch["input_ids"]).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not any("lora" in key for key in reloaded.state_dict())
