@@ -9,6 +9,7 @@
 """
 
 from lightning_plugins.modules.align.arithmetic import ArithmeticTask, ArithmeticVerifier
+from lightning_plugins.modules.align.best_of_k import best_of_k_curve, plot_best_of_k
 from lightning_plugins.modules.align.data import (
     PreferenceDataModule,
     PreferenceDataset,
@@ -17,19 +18,12 @@ from lightning_plugins.modules.align.data import (
     read_jsonl,
 )
 from lightning_plugins.modules.align.dpo import DPOModule
+from lightning_plugins.modules.align.generation import SamplingStats, sample_responses
 from lightning_plugins.modules.align.loading import load_causal_lm, load_encoder, load_tokenizer
+from lightning_plugins.modules.align.multi_response import read_multi_response_jsonl, write_jsonl
 from lightning_plugins.modules.align.pairs import PAIR_STRATEGIES, PairStats, build_pairs, run_build_pairs
 from lightning_plugins.modules.align.reward_model import RewardModel, RewardStats
-from lightning_plugins.modules.align.sampling import (
-    SamplingStats,
-    best_of_k_curve,
-    plot_best_of_k,
-    read_multi_response_jsonl,
-    rejection_sample,
-    run_rejection_sampling,
-    sample_responses,
-    write_jsonl,
-)
+from lightning_plugins.modules.align.sampling import rejection_sample, run_rejection_sampling
 from lightning_plugins.modules.align.sft import SFTModule
 from lightning_plugins.modules.align.templates import ChatTemplate, get_template
 

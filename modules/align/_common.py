@@ -1,4 +1,4 @@
-"""Pieces shared by the alignment LightningModules: model/tokenizer resolution, LoRA, dropout, optimizer.
+"""Pieces shared by the alignment modules: model/tokenizer resolution, LoRA, dropout, optimizer, argument checks.
 
 Internal to ``lightning_plugins.modules.align``; the public names live in ``sft``, ``reward_model`` and ``dpo``.
 """
@@ -6,6 +6,8 @@ Internal to ``lightning_plugins.modules.align``; the public names live in ``sft`
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,51 @@ __all__ = [
     "attached_trainer",
     "export_pretrained",
     "base_model",
+    "check_float",
+    "check_int",
     "configure_adamw",
     "disable_dropout",
     "enable_gradient_checkpointing",
+    "first_argmax",
     "hparams_to_ignore",
+    "is_finite_number",
     "resolve_causal_lm",
     "resolve_encoder",
     "resolve_tokenizer",
 ]
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number (bool excluded) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int >= ``low`` (bool excluded); TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {low}, got {value!r} ({type(value).__name__}).")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}.")
+    return value
+
+
+def check_float(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``); TypeError when not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"`{name}` must be a finite number, got {value!r}.")
+    if value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"`{name}` must lie in {interval}, got {value}.")
+    return float(value)
+
+
+def first_argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one among ties."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
 
 
 def resolve_tokenizer(tokenizer: Any):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from lightning_plugins.modules.align._common import is_finite_number as _is_number
 from lightning_plugins.modules.align.collate import PreferenceCollator, SFTCollator, WindowedBatchSampler
 from lightning_plugins.modules.align.loading import load_tokenizer
 from lightning_plugins.modules.align.templates import ROLES, ChatTemplate, get_template
@@ -60,10 +60,6 @@ def _check_str(row: dict, key: str, where: str, kind: str, nonempty: bool = Fals
         _fail(where, kind, f"key {key!r} must be a string, got {type(row[key]).__name__}; quote the value")
     if nonempty and not row[key].strip():
         _fail(where, kind, f"key {key!r} is empty; remove the row or give it a non-empty {key}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validate(row: Any, where: str, kind: str) -> None:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_plugins.modules.align.sampling import (
+from lightning_plugins.modules.align.multi_response import (
     read_multi_response_jsonl,
     validate_multi_response_row,
     write_jsonl,

@@ -162,7 +162,7 @@ def test_eos_stripping_and_impossible_uniqueness_is_counted(tok, caplog):
     # '=' -> 'a' -> 'b' -> EOS -> 'z' -> 'z' ...: the response must be exactly "ab"
     lm = MarkovLM(len(tok), {v["="]: v["a"], v["a"]: v["b"], v["b"]: EOS, EOS: v["z"], v["z"]: v["z"], PAD: v["z"]})
     ids = [encode(tok, "1+2="), encode(tok, "3=")]
-    with caplog.at_level(logging.WARNING, logger="lightning_plugins.modules.align.sampling"):
+    with caplog.at_level(logging.WARNING, logger="lightning_plugins.modules.align.generation"):
         out, stats = sample_responses(lm, tok, ids, k=3, temperature=1.0, max_new_tokens=8, max_attempts_factor=4,
                                       return_stats=True)
     assert out == [["ab"], ["ab"]]
@@ -268,7 +268,7 @@ def test_best_of_k_large_k_and_errors(caplog):
     curve = best_of_k_curve([row], ks=(1, 4, 16, 64))
     assert curve[1] == pytest.approx(sum(row["correct"]) / 64)
     assert curve[64] == 1.0 and curve[1] < curve[4] < curve[16] <= curve[64]
-    with caplog.at_level(logging.WARNING, logger="lightning_plugins.modules.align.sampling"):
+    with caplog.at_level(logging.WARNING, logger="lightning_plugins.modules.align.best_of_k"):
         assert best_of_k_curve([row], ks=(128,))[128] == 1.0
     assert "fewer than k=128" in caplog.text
     no_labels = {"prompt": "p", "responses": ["a"], "scores": [1.0]}
