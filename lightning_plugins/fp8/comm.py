@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_plugins.fp8.formats import FloatFormat, get_format
-from lightning_plugins.fp8.quantize import ScaledTensor, quantize
+from lightning_plugins.fp8.quantize import ScaledTensor, quantize, to_float32
 from lightning_plugins.fp8.scaling import pow2_scale
 
 __all__ = [
@@ -95,7 +95,7 @@ def _reduce_payload(
         ids_t = torch.tensor(ids, device=device)
         counts_t = torch.tensor(counts, device=device)
         sender_scales = all_sinv.view(world, n_tensors)[:, ids_t].repeat_interleave(counts_t, dim=1, output_size=valid)
-        values = recv.view(world, chunk)[:, :valid].view(fmt.dtype).to(torch.float32) * sender_scales
+        values = to_float32(recv.view(world, chunk)[:, :valid].view(fmt.dtype)) * sender_scales
         summed = values.sum(0)  # fp32; a NaN sender scale makes its tensor NaN here
         if average:
             summed.div_(world)

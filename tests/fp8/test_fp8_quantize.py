@@ -83,3 +83,16 @@ def test_bad_inputs():
         quantize(torch.ones(3), "e4m3", scale=torch.ones(2))
     with pytest.raises(ValueError, match="allowed"):
         quantize(torch.ones(3), "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_table_conversion_is_torchs_cast_bit_for_bit(dtype):
+    from lightning_plugins.fp8.quantize import to_float32
+
+    every_byte = torch.arange(256, dtype=torch.uint8).view(dtype)
+    expected = every_byte.to(torch.float32)
+    got = to_float32(every_byte)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # NaN payloads and -0.0 included
+    strided = every_byte.reshape(16, 16).t()  # a non-contiguous view keeps its shape and values
+    assert torch.equal(to_float32(strided).view(torch.int32), strided.to(torch.float32).view(torch.int32))
+    assert to_float32(torch.ones(3)).dtype == torch.float32
