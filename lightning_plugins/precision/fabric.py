@@ -212,6 +212,9 @@ class MSAMPFabricPrecision(FabricPrecision):
     def convert_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
         """At O2, the FP8 counterpart of a ``torch.optim.Adam``/``AdamW`` (same param groups); else ``optimizer``.
 
+        The FP8Linear weights among its parameters become FP16 master weights; an optimizer that owns none (adapters
+        trained over frozen FP8 layers, e.g. GS-LoRA's) gets FP8/FP16 moments only.
+
         Raises:
             TypeError: at O2 for any other optimizer class.
             ValueError: for an unsupported Adam option (amsgrad, fused, foreach, capturable, differentiable).
@@ -224,13 +227,16 @@ class MSAMPFabricPrecision(FabricPrecision):
                 f"torch.optim.AdamW, got {type(optimizer).__module__}.{type(optimizer).__qualname__}. Return Adam/AdamW "
                 "from configure_optimizers, or use level='O1' (FP8 compute and communication, any optimizer)."
             )
+        # An optimizer of adapters over frozen FP8 layers (e.g. LoRA) owns no FP8 weight: FP8 moments, no masters.
+        fp8_weights = {id(w) for w in fp8_linear_weights(model)}
+        owns_fp8_weight = any(id(p) in fp8_weights for group in optimizer.param_groups for p in group["params"])
         return from_optimizer(
             optimizer,
-            model=model,
+            model=model if owns_fp8_weight else None,
             exp_avg_dtype=self.exp_avg_dtype,
             exp_avg_sq_dtype=self.exp_avg_sq_dtype,
             sqrt_exp_avg_sq=self.sqrt_exp_avg_sq,
-            master_weights=self.master_weights,
+            master_weights=self.master_weights if owns_fp8_weight else "fp32",
         )
 
     # ------------------------------------------------------------------ contexts
