@@ -77,11 +77,11 @@ def _precision_override(mode: str) -> str:
     return f"--trainer.precision={'fp8-msamp' if mode == 'fp8-msamp O2' else mode}"
 
 
-def run_vit(mode: str, epochs: int) -> dict[str, Any]:
+def run_vit(mode: str, epochs: int, seed: int = 0) -> dict[str, Any]:
     from lightning_plugins.cli import LightningPluginsCLI
 
     overrides = [
-        "--config", str(REPO / "examples" / "configs" / "vit_mnist5k.yaml"),
+        "--config", str(REPO / "examples" / "configs" / "vit_mnist5k.yaml"), f"--seed_everything={seed}",
         f"--trainer.max_epochs={epochs}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0", _precision_override(mode),
