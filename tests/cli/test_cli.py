@@ -28,12 +28,29 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_every_example_config_parses_and_builds():
-    configs = sorted(CONFIGS.glob("*.yaml"))
-    assert configs, "examples/configs/ holds no recipe"
+def test_every_classification_config_parses_and_builds():
+    configs = sorted(c for c in CONFIGS.glob("*.yaml") if not c.name.startswith("align_"))
+    assert len(configs) >= 4, "examples/configs/ lost its classification recipes"
     for config in configs:
         cli = LightningPluginsCLI(args=["--config", str(config), "--trainer.logger=false"], run=False)
         assert cli.model.num_classes == cli.datamodule.num_classes
+
+
+def test_every_alignment_stage_config_parses(capsys, tmp_path, monkeypatch):
+    """The stage configs load the previous stage's outputs, so only the first builds here (on the data that
+    `arithmetic-data` writes); all four parse. The slow pipeline test (tests/examples/test_align_pipeline.py) runs
+    them for real."""
+    monkeypatch.chdir(tmp_path)
+    main(["arithmetic-data", "--output_dir", "outputs/align/data"])
+    cli = LightningPluginsCLI(args=["--config", str(CONFIGS / "align_sft.yaml"), "--trainer.logger=false"], run=False)
+    assert type(cli.model).__name__ == "SFTModule" and type(cli.datamodule).__name__ == "SFTDataModule"
+    capsys.readouterr()
+    for stage, command in (("sft", "fit"), ("rm", "fit"), ("dpo", "fit"), ("rs", "rejection-sample")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--config", str(CONFIGS / f"align_{stage}.yaml"), "--print_config"])
+        assert exit_info.value.code == 0, stage
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert "outputs/align/" in str(printed), stage
 
 
 def test_help_lists_the_lightning_subcommands():
