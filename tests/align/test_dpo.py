@@ -11,10 +11,11 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from align_helpers import preference_batch, tiny_trainer
 
 from lightning_plugins.modules.align import ref_cache
 from lightning_plugins.modules.align.dpo import DPOModule
-from lightning_plugins.modules.align.loading import load_causal_lm, load_tokenizer
+from lightning_plugins.modules.align.loading import load_causal_lm
 from lightning_plugins.modules.losses import sequence_logps
 
 pytestmark = [pytest.mark.usefixtures("quiet_lightning"), pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -25,27 +26,6 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
 TRIPLES = [("2+3=", "5", "7"), ("hello", " there friend", " x"), ("abc", "d", "zzzz"), ("9+9=", "18", "81"),
            ("ok", "?", "!!")]
-
-
-def preference_batch(tokenizer, triples, pair_index=None):
-    """Right-padded contract-4 batch from (prompt, chosen, rejected) strings; EOS closes each completion."""
-    rows, completions = [], []
-    for index in (1, 2):
-        for triple in triples:
-            p = tokenizer(triple[0], add_special_tokens=False)["input_ids"]
-            c = tokenizer(triple[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append(p + c)
-            completions.append([0] * len(p) + [1] * len(c))
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    completion_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (ids, comp) in enumerate(zip(rows, completions)):
-        input_ids[i, : len(ids)], attention_mask[i, : len(ids)] = torch.tensor(ids), 1
-        completion_mask[i, : len(ids)] = torch.tensor(comp)
-    pair_index = torch.arange(len(triples)) if pair_index is None else torch.as_tensor(pair_index)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "margin": torch.zeros(len(triples)), "pair_index": pair_index}
 
 
 class FakePreferenceData(pl.LightningDataModule):
@@ -98,12 +78,6 @@ class LossRecorder(pl.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def tiny_trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 def perturbed(model, seed, scale=0.05):
     torch.manual_seed(seed)
     model = copy.deepcopy(model)
@@ -111,11 +85,6 @@ def perturbed(model, seed, scale=0.05):
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("char")
 
 
 # -- (a) the reference stays out of parameters, state_dict and checkpoints ------------------------------------------

@@ -8,8 +8,9 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from align_helpers import preference_batch, tiny_trainer
 
-from lightning_plugins.modules.align.loading import load_causal_lm, load_tokenizer
+from lightning_plugins.modules.align.loading import load_causal_lm
 from lightning_plugins.modules.align.reward_model import RewardModel, RewardStats
 from lightning_plugins.modules.losses import reward_loss
 
@@ -22,41 +23,7 @@ TINY_BERT = {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "
              "num_attention_heads": 4, "max_position_embeddings": 64}
 
 
-def preference_batch(tokenizer, triples, pad_id=None, margins=None, left=False):
-    """Contract-4 batch from (prompt, chosen, rejected) strings; EOS closes each completion."""
-    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
-    rows, completions = [], []
-    for index in (1, 2):
-        for triple in triples:
-            p = tokenizer(triple[0], add_special_tokens=False)["input_ids"]
-            c = tokenizer(triple[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append(p + c)
-            completions.append([0] * len(p) + [1] * len(c))
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), pad_id)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    completion_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (ids, comp) in enumerate(zip(rows, completions)):
-        span = slice(length - len(ids), length) if left else slice(0, len(ids))
-        input_ids[i, span], attention_mask[i, span], completion_mask[i, span] = torch.tensor(ids), 1, torch.tensor(comp)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-             "margin": torch.tensor(margins if margins is not None else [0.0] * len(triples)),
-             "pair_index": torch.arange(len(triples))}
-    return batch
-
-
 TRIPLES = [("2+3=", "5", "7"), ("hello", " there friend", " x"), ("abc", "d", "zzzz")]
-
-
-def tiny_trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("char")
 
 
 def test_score_read_at_eos_when_pad_equals_eos(tokenizer):

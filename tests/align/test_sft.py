@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from align_helpers import tiny_trainer
 
 from lightning_plugins.modules.align.loading import load_causal_lm, load_tokenizer
 from lightning_plugins.modules.align.sft import SFTModule
@@ -68,17 +69,6 @@ class GradRecorder(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads = {n[len("model."):]: p.grad.clone() for n, p in pl_module.named_parameters()}
-
-
-def tiny_trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("char")
 
 
 @pytest.fixture
