@@ -28,7 +28,12 @@ from lightning_plugins.callbacks.gslora.lora import (
     inject_lora,
     remove_lora,
 )
-from lightning_plugins.callbacks.gslora.losses import PROTOTYPE_DISTANCES, gslora_loss, prototype_loss
+from lightning_plugins.callbacks.gslora.losses import (
+    PROTOTYPE_DISTANCES,
+    group_soft_threshold_,
+    gslora_loss,
+    prototype_loss,
+)
 from lightning_plugins.callbacks.gslora.metrics import (
     LabelledCorrect,
     drop_and_h,
@@ -92,6 +97,11 @@ class GSLoRA(Callback):
             mean (the paper). The batch mean can be satisfied by pushing one forgotten class very far while another
             is still recognised; this extension keeps pushing every sample until its own CE reaches BND.
         alpha: weight of the group-lasso term (paper: 1e-4).
+        proximal: apply the group lasso as a proximal step after every optimizer step instead of as a loss term
+            (``theta_g <- theta_g * max(0, 1 - lr * alpha / ||theta_g||)``, :func:`~.losses.group_soft_threshold_`):
+            groups that are not needed become exactly zero, so the zero-group ratio measures real sparsity (with the
+            loss term the norms only get small: the paper has no proximal step). ``alpha`` is then the shrink in
+            norm per unit of learning rate; values around 0.1-1 switch blocks off here, 1e-4 does nothing visible.
         alpha_warmup_epochs: the group-lasso weight is 0 during the first epochs of each task (paper: 0 in its
             continual runs, 20-30 in some single-step runs).
         prototypes: GS-LoRA++: build per-class prototypes at the start of each task and add the prototype terms.
@@ -131,6 +141,7 @@ class GSLoRA(Callback):
         bound: float = 20.0,
         bound_per_sample: bool = False,
         alpha: float = 1e-4,
+        proximal: bool = False,
         alpha_warmup_epochs: int = 0,
         prototypes: bool = False,
         proto_forget_weight: Union[float, Sequence[float]] = 0.01,
@@ -180,6 +191,7 @@ class GSLoRA(Callback):
         self.bound = float(bound)
         self.bound_per_sample = bound_per_sample
         self.alpha = float(alpha)
+        self.proximal = bool(proximal)
         self.alpha_warmup_epochs = alpha_warmup_epochs
         self.prototypes = prototypes
         self.proto_forget_weights = self._per_task("proto_forget_weight", proto_forget_weight)
@@ -219,6 +231,7 @@ class GSLoRA(Callback):
         self._val_metric = LabelledCorrect()
         self._test_metric = LabelledCorrect()
         self._alpha_now = self.alpha
+        self._steps_before_batch = 0
         self._started: Optional[float] = None
         self._task_closed = False
         self._setup_task: Optional[int] = None
@@ -312,6 +325,13 @@ class GSLoRA(Callback):
                              batch_idx: int) -> None:
         for module in self._batchnorms:
             module.eval()
+        self._steps_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.proximal and self._alpha_now > 0 and trainer.global_step > self._steps_before_batch:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            group_soft_threshold_(list(self._groups.values()), lr * self._alpha_now)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_metric.reset()
@@ -511,7 +531,7 @@ class GSLoRA(Callback):
             )
         loss = gslora_loss(
             logits_r, y_r, logits_f, y_f, list(self._groups.values()),
-            beta=self.betas[self.task_index], bound=self.bound, alpha=self._alpha_now,
+            beta=self.betas[self.task_index], bound=self.bound, alpha=0.0 if self.proximal else self._alpha_now,
             prototype_term=prototype_term, bound_per_sample=self.bound_per_sample,
         )
         size = len(y_r) + len(y_f)

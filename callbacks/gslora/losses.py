@@ -57,6 +57,25 @@ def group_lasso(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     return torch.stack(norms).sum()
 
 
+@torch.no_grad()
+def group_soft_threshold_(groups: Sequence[Sequence[torch.Tensor]], threshold: float) -> list[bool]:
+    """Proximal step of the group lasso, in place: ``theta_g <- theta_g * max(0, 1 - threshold / ||theta_g||)``.
+
+    A group whose norm is at most ``threshold`` becomes exactly zero (it is switched off); the others shrink by
+    ``threshold`` in norm. Returns, per group, whether it is zero afterwards.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    zero = []
+    for tensors in groups:
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.float()) for w in tensors])))
+        factor = max(0.0, 1.0 - threshold / norm) if norm > 0 else 0.0
+        for w in tensors:
+            w.mul_(factor)
+        zero.append(factor == 0.0)
+    return zero
+
+
 def prototype_distance(embeddings: torch.Tensor, prototypes: torch.Tensor, distance: str = "kl") -> torch.Tensor:
     """Per-sample distance ``[B]`` between embeddings ``[B, d]`` and their class prototypes ``[B, d]``.
 

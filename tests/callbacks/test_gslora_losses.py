@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from lightning_plugins.callbacks.gslora.losses import (
     bounded_forgetting_loss,
     group_lasso,
+    group_soft_threshold_,
     gslora_loss,
     prototype_distance,
     prototype_loss,
@@ -57,6 +58,19 @@ def test_group_lasso_gradient_is_finite_at_zero():
     group_lasso([[zero], [other]]).backward()
     assert torch.equal(zero.grad, torch.zeros(2, 3))
     torch.testing.assert_close(other.grad, torch.tensor([0.6, 0.8]))
+
+
+def test_group_soft_threshold_shrinks_or_zeroes_each_group():
+    big = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # group norm 5
+    small = [torch.tensor([0.3, 0.4])]  # group norm 0.5
+    empty = [torch.zeros(3)]
+    zero = group_soft_threshold_([big, small, empty], threshold=1.0)
+    assert zero == [False, True, True]
+    # 1 - 1/5 = 0.8 of every tensor of the group: its norm drops from 5 to 4
+    assert torch.equal(big[0], torch.tensor([2.4, 0.0])) and torch.equal(big[1], torch.tensor([[3.2]]))
+    assert torch.equal(small[0], torch.zeros(2)) and torch.equal(empty[0], torch.zeros(3))
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        group_soft_threshold_([big], -1.0)
 
 
 def test_kl_prototype_distance():
