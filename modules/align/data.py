@@ -14,6 +14,10 @@ leaves no room for a completion token is dropped (``"prompt_too_long"``); otherw
 (``keep_start``), which may cut the completion and its EOS. Preference pairs apply the same rule to the chosen and the
 rejected sequence independently, and a pair is dropped when either side keeps no completion token. Drops are counted
 per reason in ``dataset.dropped`` and logged once per file; a file whose rows are all dropped is an error.
+
+``shuffle=False`` keeps file order on one device. Under DDP, Lightning's injected ``DistributedSampler`` shuffles the
+training data whatever the DataModule says (pass ``Trainer(use_distributed_sampler=False)`` and shard yourself to keep
+an order); the SFT token normalization is exact either way.
 """
 
 from __future__ import annotations
