@@ -63,8 +63,8 @@ def fit_stage(name: str, output: Path, quiet: bool) -> dict[str, float]:
 
 
 def ground_truth(folder: Path, verifier: ArithmeticVerifier) -> dict[str, float]:
-    model = load_causal_lm(str(folder), load_tokenizer(str(folder)))
     tokenizer = load_tokenizer(str(folder))
+    model = load_causal_lm(str(folder), tokenizer)
     return {"p_correct": verifier.p_correct(model, tokenizer), "greedy": verifier.greedy_accuracy(model, tokenizer)}
 
 

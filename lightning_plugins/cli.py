@@ -29,10 +29,8 @@ import lightning_plugins.callbacks  # noqa: F401
 import lightning_plugins.modules  # noqa: F401
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, forget_sequence, format_table
 from lightning_plugins.callbacks.gslora.tasks import check_class_range
-from lightning_plugins.commands import DESCRIPTION, CommandError, maybe_run_command
+from lightning_plugins.commands import DEBUG_ENV, DESCRIPTION, CommandError, maybe_run_command
 from lightning_plugins.precision import TrainingStateMeter
-
-DEBUG_ENV = "LIGHTNING_PLUGINS_DEBUG"
 
 
 class ConfigurationError(Exception):

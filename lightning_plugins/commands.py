@@ -21,6 +21,8 @@ from lightning_plugins.modules.align.arithmetic import ArithmeticTask
 from lightning_plugins.modules.align.pairs import run_build_pairs
 from lightning_plugins.modules.align.sampling import run_rejection_sampling
 
+DEBUG_ENV = "LIGHTNING_PLUGINS_DEBUG"  # set it to see tracebacks instead of one-line errors
+
 
 def write_arithmetic_data(output_dir: str = "outputs/align/data", seed: int = 0, p_correct_sft: float = 0.4) -> dict:
     """Write the embedded arithmetic alignment task's jsonl files (SFT, reward-model pairs, prompts).
@@ -60,14 +62,14 @@ def run_command(name: str, args: Sequence[str]) -> dict[str, Any]:
     try:
         config = parser.parse_args(list(args))
     except Exception as err:  # jsonargparse's parse errors: one line, like LightningCLI's
-        if os.environ.get("LIGHTNING_PLUGINS_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
         raise CommandError(str(err).strip().splitlines()[0]) from err
     kwargs = {k: v for k, v in vars(config).items() if k != "config" and not k.startswith("__")}
     try:
         summary = function(**kwargs)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        if os.environ.get("LIGHTNING_PLUGINS_DEBUG"):
+        if os.environ.get(DEBUG_ENV):
             raise
         raise CommandError(f"{type(err).__name__}: {err}") from err
     print(json.dumps(summary, indent=2, default=str))
