@@ -38,9 +38,15 @@ def _poison(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return t.masked_fill_(bad, _NAN)
 
 
+def _autocast_available(device_type: str) -> bool:
+    # cpu/cuda answered without the call: torch < 2.12 cannot trace is_autocast_available (a torch.compile
+    # graph break at every FP8Linear).
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
 def _no_autocast(device_type: str) -> Any:
     # The emulated GEMM is a plain fp32 matmul, which autocast would silently run in bf16/fp16.
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -190,7 +196,7 @@ class FP8Linear(nn.Module):
                 f"FP8Linear input dtype must be one of {list(_COMPUTE_DTYPES)}, got {x.dtype}; cast the input."
             )
         device_type = x.device.type
-        autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        autocast_on = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
         record = self.training and torch.is_grad_enabled() and not scaling_frozen()
         if self.wgrad_mode == "fp8" and self.weight.requires_grad and not self.weight.is_leaf:

@@ -128,7 +128,8 @@ def to_float32(data: torch.Tensor) -> torch.Tensor:
     the emulated GEMMs' dequantization the largest cost of a CPU FP8 training step. The table is torch's own
     conversion of every byte value, so the result is the same bit for bit (NaN included).
     """
-    if data.dtype not in _FP8_DTYPES or data.device.type != "cpu":
+    # Under torch.compile the generated kernel converts on its own (and a traced cache write would break the graph).
+    if data.dtype not in _FP8_DTYPES or data.device.type != "cpu" or torch.compiler.is_compiling():
         return data.to(torch.float32)
     key = (data.dtype, data.device)
     table = _FP8_TABLES.get(key)

@@ -176,7 +176,7 @@ class ScalingState(nn.Module):
             return jit
         # NaN propagates through maximum, so a bad step stays visible in slot 0 until update().
         self.amax_history[0] = torch.maximum(self.amax_history[0], amax)
-        self.nonfinite_count += (~torch.isfinite(amax)).to(torch.int32)
+        self.nonfinite_count.add_((~torch.isfinite(amax)).to(torch.int32))
         # history_len == 1 is always JIT, whatever the counter says.
         delayed_ok = self.history_len > 1
         scale = torch.where(self.counter < self.history_len, jit, self.scale) if delayed_ok else jit

@@ -15,6 +15,7 @@ from lightning_plugins.fp8 import (
     quantize,
     resolve_backend_name,
 )
+from fp8_support import requires_cpu_scaled_mm
 
 
 def _operands(m, k, n, fmt_a="e4m3", fmt_b="e4m3", seed=0):
@@ -26,24 +27,6 @@ def _operands(m, k, n, fmt_a="e4m3", fmt_b="e4m3", seed=0):
 
 def _reference(a, b):
     return (a.data.to(torch.float32) * a.scale_inv) @ (b.data.to(torch.float32) * b.scale_inv)
-
-
-def _scaled_mm_runs_on_cpu() -> bool:
-    try:
-        one = torch.ones(1, dtype=torch.float32)
-        torch._scaled_mm(
-            torch.zeros(16, 16).to(torch.float8_e4m3fn),
-            torch.zeros(16, 16).to(torch.float8_e4m3fn).t(),
-            scale_a=one,
-            scale_b=one,
-            out_dtype=torch.float32,
-        )
-        return True
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-requires_cpu_scaled_mm = pytest.mark.skipif(not _scaled_mm_runs_on_cpu(), reason="torch._scaled_mm has no CPU kernel")
 
 
 @pytest.mark.parametrize(("fmt_a", "fmt_b"), [("e4m3", "e4m3"), ("e5m2", "e4m3")])
