@@ -171,6 +171,8 @@ def bench_train(mode: str, compile_: bool, cfg: GPTConfig, batch: int, device: t
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     fabric, model, optimizer = _build(mode, cfg, device, compile_, backend)
     g = torch.Generator(device=device).manual_seed(0)
     seq = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=device, generator=g)
@@ -197,6 +199,9 @@ def bench_train(mode: str, compile_: bool, cfg: GPTConfig, batch: int, device: t
         "peak_mem_GiB": (torch.cuda.max_memory_allocated(device) - base_mem) / 2**30 if device.type == "cuda" else None,
         "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
         "parameters": sum(p.numel() for p in model.parameters()),
+        # torch.compile: FP8Linear traces into the block's graph, so both should stay 0 / 1
+        "graph_breaks": sum(counters["graph_break"].values()) if compile_ else None,
+        "compiled_graphs": counters["stats"]["unique_graphs"] if compile_ else None,
     }
     del fabric, model, optimizer, x, y, seq, losses
     if compile_:
@@ -270,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             r = train[-1]
             if r["status"] == "ok":
                 mem = "" if r["peak_mem_GiB"] is None else f", peak {r['peak_mem_GiB']:.1f} GiB"
+                graphs = "" if not compile_ else f", {r['compiled_graphs']} graphs, {r['graph_breaks']} breaks"
                 print(f"train {mode} compile={compile_}: {1e3 * r['median_step_s']:.1f} ms/step{mem} "
-                      f"(first step {r['first_step_s']:.1f} s)", flush=True)
+                      f"(first step {r['first_step_s']:.1f} s{graphs})", flush=True)
             else:
                 print(f"train {mode} compile={compile_}: {r['status']}", flush=True)
 
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = []
     for r in train:
         if r["status"] != "ok":
-            train_rows.append([r["mode"], "yes" if r["compile"] else "no", r["status"], "", "", "", "", ""])
+            train_rows.append([r["mode"], "yes" if r["compile"] else "no", r["status"], "", "", "", "", "", ""])
             continue
         ref = next((b for b in train if b["mode"] == "bf16-mixed" and b["compile"] == r["compile"]
                     and b["status"] == "ok"), None)
@@ -291,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                      if ref and r["peak_mem_GiB"] is not None else "n/a")
         train_rows.append([r["mode"], "yes" if r["compile"] else "no", "ok", f"{1e3 * r['median_step_s']:.1f}",
                            speed, "n/a" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.2f}", mem_ratio,
-                           f"{r['loss_last']:.3f}"])
+                           f"{r['loss_last']:.3f}", "" if r["graph_breaks"] is None else r["graph_breaks"]])
     train_table = markdown_table(["precision", "torch.compile", "status", "step (ms)", "speed vs bf16-mixed",
-                                  "peak mem (GiB)", "mem vs bf16-mixed", "loss (last)"], train_rows)
+                                  "peak mem (GiB)", "mem vs bf16-mixed", "loss (last)", "graph breaks"], train_rows)
     n_params = next((r["parameters"] for r in train if r.get("status") == "ok"), None)
     total_s = time.perf_counter() - start
     md = "\n".join([

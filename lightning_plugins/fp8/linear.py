@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from lightning_plugins.fp8.gemm import check_backend_name, get_backend
 from lightning_plugins.fp8.quantize import ScaledTensor, quantize_with_state
 from lightning_plugins.fp8.scaling import ScalingState, scaling_frozen
-from lightning_plugins.fp8.wgrad import get_fp8_grad, set_fp8_grad
+from lightning_plugins.fp8.wgrad import WeightGradSlot
 
 __all__ = ["FP8Linear", "WGRAD_MODES", "SCALING_ROLES"]
 
@@ -54,7 +54,13 @@ def _no_autocast(device_type: str) -> Any:
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, layer: FP8Linear, out_dtype: torch.dtype, record: bool
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        token: torch.Tensor | None,
+        layer: FP8Linear,
+        out_dtype: torch.dtype,
+        record: bool,
     ) -> torch.Tensor:
         lead_shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
@@ -88,7 +94,8 @@ class _FP8LinearFunction(torch.autograd.Function):
                 dw_hp = backend.mm(dyq.t(), ScaledTensor(x_data, x_scale_inv), torch.float32)
                 dw = layer._deliver_weight_grad(ctx.weight, dw_hp, dy_bad, ctx.record)
         ctx.weight = None
-        return dx, dw, None, None, None
+        token_grad = torch.zeros((), device=dy.device) if ctx.needs_input_grad[2] else None
+        return dx, dw, token_grad, None, None, None
 
 
 class FP8Linear(nn.Module):
@@ -138,13 +145,10 @@ class FP8Linear(nn.Module):
         self.backend = check_backend_name(backend)
         if self.backend == "te":
             get_backend("te")  # fail at construction, not at the first forward
-        if wgrad_mode not in WGRAD_MODES:
-            raise ValueError(f"Unknown wgrad_mode {wgrad_mode!r}; allowed: {list(WGRAD_MODES)}.")
         self.in_features = in_features
         self.out_features = out_features
         self.amax_history_len = amax_history_len
         self.margin = margin
-        self.wgrad_mode = wgrad_mode
         self.use_fast_accum = bool(use_fast_accum)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -152,14 +156,31 @@ class FP8Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self._build_scaling_states(device)
+        self._build_states(device)
+        self.wgrad_mode = wgrad_mode
         self.reset_parameters()
 
-    def _build_scaling_states(self, device: torch.device | str | None) -> None:
+    def _build_states(self, device: torch.device | str | None) -> None:
         self.input_scaling = ScalingState("e4m3", self.amax_history_len, self.margin, device=device)
         self.weight_scaling = ScalingState("e4m3", 1, self.margin, device=device)
         self.grad_output_scaling = ScalingState("e5m2", self.amax_history_len, self.margin, device=device)
         self.wgrad_scaling = ScalingState("e4m3", 1, self.margin, device=device)
+        self.wgrad_slot: WeightGradSlot | None = None
+
+    @property
+    def wgrad_mode(self) -> str:
+        """``"dequantized"`` or ``"fp8"`` (see the class docstring); settable, e.g. by a precision plugin."""
+        return self._wgrad_mode
+
+    @wgrad_mode.setter
+    def wgrad_mode(self, mode: str) -> None:
+        if mode not in WGRAD_MODES:
+            raise ValueError(f"Unknown wgrad_mode {mode!r}; allowed: {list(WGRAD_MODES)}.")
+        self._wgrad_mode = mode
+        if mode == "fp8" and self.wgrad_slot is None:
+            self.wgrad_slot = WeightGradSlot(self, device=self.input_scaling.scale.device)
+        elif mode != "fp8":
+            self.wgrad_slot = None
 
     def reset_parameters(self) -> None:
         """Same initialisation as ``nn.Linear``."""
@@ -178,7 +199,8 @@ class FP8Linear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
         layer.weight = linear.weight
         layer.bias = linear.bias
-        layer._build_scaling_states(linear.weight.device)
+        layer._build_states(linear.weight.device)
+        layer.wgrad_mode = kwargs.get("wgrad_mode", "dequantized")
         layer.train(linear.training)
         standard = {"training", "in_features", "out_features"}
         for key, value in vars(linear).items():
@@ -204,7 +226,9 @@ class FP8Linear(nn.Module):
                 "wgrad_mode='fp8' stores the gradient on the weight parameter, but this weight is not a leaf "
                 "tensor (a parametrization?); use wgrad_mode='dequantized'."
             )
-        y = _FP8LinearFunction.apply(x, self.weight, self, out_dtype, record)
+        # the slot's token takes part only while the weight needs a gradient (its hook attaches the FP8 one)
+        token = self.wgrad_slot.token if self.wgrad_slot is not None and self.weight.requires_grad else None
+        y = _FP8LinearFunction.apply(x, self.weight, token, self, out_dtype, record)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -215,13 +239,11 @@ class FP8Linear(nn.Module):
         if self.wgrad_mode == "dequantized":
             q, bad = quantize_with_state(dw, self.wgrad_scaling, record)
             return _poison(q.dequantize(weight.dtype), bad | dy_bad)
-        previous = get_fp8_grad(weight)
-        if previous is not None:
-            dw = dw + previous.dequantize(torch.float32)
-        q, bad = quantize_with_state(dw, self.wgrad_scaling, record)
+        slot = self.wgrad_slot
+        q, bad = quantize_with_state(dw + slot.accumulated(), self.wgrad_scaling, record)
         # A NaN scale_inv makes the whole stored gradient dequantize to NaN.
         q.scale_inv = torch.where(bad | dy_bad, torch.full_like(q.scale_inv, _NAN), q.scale_inv)
-        set_fp8_grad(weight, q)
+        slot.store(q)
         return None
 
     def scaling_states(self) -> dict[str, ScalingState]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_plugins.fp8.buffers import DeviceOnlyBuffers
 from lightning_plugins.fp8.formats import FloatFormat, get_format
 
 __all__ = ["pow2_scale", "ScalingState", "frozen_scaling", "scaling_frozen"]
@@ -99,11 +100,11 @@ def scaling_frozen() -> bool:
     return _FROZEN_DEPTH > 0
 
 
-class ScalingState(nn.Module):
+class ScalingState(DeviceOnlyBuffers):
     """Per-tensor scaling state: scale, amax history (delayed scaling) and a warm-up counter.
 
     It is an ``nn.Module`` only so that ``module.to(device)`` moves its tensors with the layer
-    that owns it; its buffers are non-persistent, so a model's ``state_dict`` stays loadable into
+    that owns it (and nothing else: see :class:`DeviceOnlyBuffers`); its buffers are non-persistent, so a model's ``state_dict`` stays loadable into
     plain ``nn.Linear`` layers. Save and restore it with :meth:`get_scaling_state` /
     :meth:`set_scaling_state`. Its tensors stay fp32/int32 under ``module.half()`` and the like.
 
@@ -144,18 +145,8 @@ class ScalingState(nn.Module):
     def extra_repr(self) -> str:
         return f"fmt={self.fmt.name}, history_len={self.history_len}, margin={self.margin}"
 
-    def _apply(self, fn: Any, recurse: bool = True) -> ScalingState:
-        # Follow device moves only: `.half()` would turn a 2^20 scale into inf.
-        device = fn(torch.empty(0, device=self.scale.device)).device
-        for name, buf in self._buffers.items():
-            if buf is None or buf.device == device:
-                continue
-            if buf.is_meta:  # deferred init (e.g. `to_empty`): start from a fresh state
-                fresh = torch.ones_like(buf, device=device) if name == "scale" else torch.zeros_like(buf, device=device)
-                self._buffers[name] = fresh
-            else:
-                self._buffers[name] = buf.to(device)
-        return self
+    def fresh(self, name: str, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return torch.ones_like(like, device=device) if name == "scale" else torch.zeros_like(like, device=device)
 
     @property
     def in_warmup(self) -> bool:

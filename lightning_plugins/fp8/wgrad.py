@@ -6,20 +6,31 @@ weight gradient here, as an E4M3 :class:`ScaledTensor` on the parameter, and lea
 as ``None``. Micro-batches accumulate by dequantize-add-requantize (MS-AMP's behaviour). An FP8
 optimizer or precision plugin reads it with :func:`get_fp8_grad` and clears it with
 :func:`clear_fp8_grads` (the equivalent of ``zero_grad``).
+
+How it stays compatible with ``torch.compile``: the layer's backward writes the gradient in place
+into a :class:`WeightGradSlot` the layer owns (a tensor mutation, which traces), and the Python
+bookkeeping (attaching the slot to the parameter) runs in a hook on a 0-d leaf "token" that takes
+part in the layer's autograd graph: autograd runs leaf hooks eagerly, after the compiled backward.
+Like ``.grad``, the gradient appears during backward, so a ``zero_grad`` between forward and
+backward (Lightning's order) does not lose it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_plugins.fp8.quantize import ScaledTensor
+from lightning_plugins.fp8.buffers import DeviceOnlyBuffers
+from lightning_plugins.fp8.quantize import ScaledTensor, to_float32
 
-__all__ = ["get_fp8_grad", "set_fp8_grad", "clear_fp8_grads", "fp8_grad_params"]
+__all__ = ["get_fp8_grad", "set_fp8_grad", "clear_fp8_grads", "fp8_grad_params", "WeightGradSlot"]
 
 _ATTR = "_fp8_grad"
+_SLOT_ATTR = "_fp8_grad_slot"
 
 
 def get_fp8_grad(param: torch.Tensor) -> ScaledTensor | None:
@@ -28,11 +39,22 @@ def get_fp8_grad(param: torch.Tensor) -> ScaledTensor | None:
 
 
 def set_fp8_grad(param: torch.Tensor, grad: ScaledTensor | None) -> None:
-    """Store (or with ``None`` remove) the FP8 gradient of ``param``."""
-    if grad is not None and not isinstance(grad, ScaledTensor):
+    """Store (or with ``None`` remove) the FP8 gradient of ``param``.
+
+    For the weight of an FP8Linear the values are copied into the layer's slot, which later
+    micro-batches accumulate into.
+    """
+    if grad is None:
+        _drop(param)
+        return
+    if not isinstance(grad, ScaledTensor):
         raise TypeError(f"An FP8 gradient must be a ScaledTensor, got {type(grad).__name__}.")
-    if grad is not None and tuple(grad.data.shape) != tuple(param.shape):
+    if tuple(grad.data.shape) != tuple(param.shape):
         raise ValueError(f"FP8 gradient shape {tuple(grad.data.shape)} != parameter shape {tuple(param.shape)}.")
+    slot = getattr(param, _SLOT_ATTR, None)
+    if slot is not None:
+        slot.store(grad)
+        grad = slot.as_scaled_tensor()
     setattr(param, _ATTR, grad)
 
 
@@ -46,5 +68,67 @@ def clear_fp8_grads(params: nn.Module | Iterable[torch.Tensor]) -> None:
     """Drop the FP8 gradients of a module's parameters (or of an iterable of parameters)."""
     items = params.parameters() if isinstance(params, nn.Module) else params
     for p in items:
-        if get_fp8_grad(p) is not None:
-            setattr(p, _ATTR, None)
+        _drop(p)
+
+
+def _drop(param: torch.Tensor) -> None:
+    if get_fp8_grad(param) is not None:
+        setattr(param, _ATTR, None)
+        slot = getattr(param, _SLOT_ATTR, None)
+        if slot is not None:
+            slot.scale_inv.zero_()  # the next backward starts from zero
+
+
+class WeightGradSlot(DeviceOnlyBuffers):
+    """Where an FP8Linear's backward leaves its E4M3 weight gradient.
+
+    Tensors: ``data`` (E4M3, the weight's shape), ``scale_inv`` (fp32 0-d; 0 = empty, NaN = the
+    gradient was not finite) and ``token`` (a 0-d leaf the layer feeds into its autograd function
+    while its weight needs a gradient; its hook attaches the slot to the weight). Plain tensor
+    attributes rather than buffers: in no state dict, and not broadcast by DDP (which would
+    overwrite the other ranks' gradients with rank 0's). They follow ``module.to(device)``.
+
+    Args:
+        owner: the FP8Linear (held weakly); its ``weight`` at backward time receives the gradient.
+        device: where the tensors live.
+    """
+
+    unregistered = ("data", "scale_inv")
+
+    def __init__(self, owner: nn.Module, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self._owner = weakref.ref(owner)
+        self.data = torch.zeros(owner.weight.shape, dtype=torch.float8_e4m3fn, device=device)
+        self.scale_inv = torch.zeros((), dtype=torch.float32, device=device)
+        self._new_token(self.scale_inv.device)
+
+    def _new_token(self, device: torch.device) -> None:
+        self.token = torch.zeros((), device=device, requires_grad=True)
+        self.token.register_post_accumulate_grad_hook(self._attach)
+
+    def _attach(self, token: torch.Tensor) -> None:
+        token.grad = None
+        owner = self._owner()
+        if owner is not None:
+            setattr(owner.weight, _SLOT_ATTR, self)
+            setattr(owner.weight, _ATTR, self.as_scaled_tensor())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WeightGradSlot:
+        super()._apply(fn, recurse)
+        if self.token.device != self.scale_inv.device:
+            self._new_token(self.scale_inv.device)
+        return self
+
+    def as_scaled_tensor(self) -> ScaledTensor:
+        """A view of the slot (shares its storage)."""
+        return ScaledTensor(self.data, self.scale_inv)
+
+    def accumulated(self) -> torch.Tensor:
+        """The slot's gradient in fp32: zeros while empty, NaN everywhere if it was poisoned."""
+        return torch.where(self.scale_inv != 0, to_float32(self.data) * self.scale_inv, 0.0)
+
+    def store(self, grad: ScaledTensor) -> None:
+        """Overwrite the slot with ``grad`` (in place)."""
+        if grad.data is not self.data:
+            self.data.copy_(grad.data)
+        self.scale_inv.copy_(grad.scale_inv)

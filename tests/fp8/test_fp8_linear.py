@@ -183,6 +183,37 @@ def test_fp8_weight_grad_side_channel_and_accumulation():
     assert get_fp8_grad(fp8.weight) is None
 
 
+def test_fp8_weight_grad_survives_zero_grad_between_forward_and_backward():
+    # Lightning's order: forward, zero_grad, backward. The gradient appears during backward, like .grad.
+    ref, fp8 = _pair(wgrad_mode="fp8")
+    x = torch.randn(16, 128)
+    fp8(torch.randn(16, 128)).sum().backward()  # a stale gradient that zero_grad must discard
+    y = fp8(x)
+    clear_fp8_grads(fp8)
+    assert get_fp8_grad(fp8.weight) is None
+    y.sum().backward()
+    ref(x).sum().backward()
+    assert sqnr_db(ref.weight.grad, get_fp8_grad(fp8.weight).dequantize()) >= 17.0
+
+
+def test_fp8_weight_grad_not_attached_to_a_frozen_weight():
+    _, fp8 = _pair(wgrad_mode="fp8")
+    fp8.weight.requires_grad_(False)
+    x = torch.randn(4, 128, requires_grad=True)
+    fp8(x).sum().backward()
+    assert x.grad is not None and get_fp8_grad(fp8.weight) is None
+
+
+def test_fp8_weight_grad_after_dtype_and_device_moves():
+    _, fp8 = _pair(wgrad_mode="fp8")
+    fp8.to(torch.bfloat16).to("cpu")
+    assert fp8.weight.dtype == torch.bfloat16 and fp8.wgrad_slot.data.dtype == torch.float8_e4m3fn
+    fp8(torch.randn(4, 128, dtype=torch.bfloat16)).sum().backward()
+    grad = get_fp8_grad(fp8.weight)
+    assert grad.data.dtype == torch.float8_e4m3fn and torch.isfinite(grad.dequantize()).all()
+    assert grad.dequantize().abs().sum() > 0
+
+
 def test_fp8_side_channel_poisoned_on_nonfinite():
     _, fp8 = _pair(wgrad_mode="fp8")
     dy = torch.ones(4, 64)
