@@ -167,6 +167,11 @@ class FP8Linear(nn.Module):
         self.wgrad_scaling = ScalingState("e4m3", 1, self.margin, device=device)
         self.wgrad_slot: WeightGradSlot | None = None
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.wgrad_slot is not None:  # after unpickling or copy.deepcopy: deliver to this layer's weight
+            self.wgrad_slot.bind(self)
+
     @property
     def wgrad_mode(self) -> str:
         """``"dequantized"`` or ``"fp8"`` (see the class docstring); settable, e.g. by a precision plugin."""

@@ -97,26 +97,35 @@ class WeightGradSlot(DeviceOnlyBuffers):
 
     def __init__(self, owner: nn.Module, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self._owner = weakref.ref(owner)
         self.data = torch.zeros(owner.weight.shape, dtype=torch.float8_e4m3fn, device=device)
         self.scale_inv = torch.zeros((), dtype=torch.float32, device=device)
-        self._new_token(self.scale_inv.device)
+        self.bind(owner)
 
-    def _new_token(self, device: torch.device) -> None:
-        self.token = torch.zeros((), device=device, requires_grad=True)
+    def bind(self, owner: nn.Module) -> None:
+        """Deliver to ``owner.weight`` (again after a copy or unpickling: the owning layer calls this)."""
+        self._owner = weakref.ref(owner)
+        self.token = torch.zeros((), device=self.scale_inv.device, requires_grad=True)
         self.token.register_post_accumulate_grad_hook(self._attach)
 
     def _attach(self, token: torch.Tensor) -> None:
         token.grad = None
-        owner = self._owner()
+        owner = self._owner() if self._owner is not None else None
         if owner is not None:
             setattr(owner.weight, _SLOT_ATTR, self)
             setattr(owner.weight, _ATTR, self.as_scaled_tensor())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a weak reference cannot be pickled, and a deep copy would keep pointing at the original layer
+        state = self.__dict__.copy()
+        state["_owner"] = None
+        state["token"] = None
+        return state
+
     def _apply(self, fn: Any, recurse: bool = True) -> WeightGradSlot:
         super()._apply(fn, recurse)
-        if self.token.device != self.scale_inv.device:
-            self._new_token(self.scale_inv.device)
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and self.token.device != self.scale_inv.device:
+            self.bind(owner)
         return self
 
     def as_scaled_tensor(self) -> ScaledTensor:

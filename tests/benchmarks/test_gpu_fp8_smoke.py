@@ -41,3 +41,21 @@ def test_without_gpu_exits_with_a_clear_message(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "cannot run the GPU benchmark" in proc.stderr and "--smoke" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp8-msamp O1", "fp8-msamp O2"])
+def test_compiled_training_step_has_no_graph_break(mode, one_torch_thread):
+    # The GPU benchmark's torch.compile configurations, at smoke size on the CPU: the FP8 layers (O2's FP8 weight
+    # gradients and FP8 optimizer included) must trace into each block's graph, or the compiled FP8 step would run
+    # its GEMMs and scaling eagerly between graph pieces.
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_fp8
+    from _gpt import GPTConfig, quiet_lightning
+
+    quiet_lightning()
+    cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layers=2, n_heads=2)
+    result = gpu_fp8.bench_train(mode, True, cfg, 2, torch.device("cpu"), warmup=1, steps=2, backend="emulated")
+    assert result["status"] == "ok" and math.isfinite(result["loss_last"])
+    assert result["graph_breaks"] == 0
+    assert result["compiled_graphs"] >= 1

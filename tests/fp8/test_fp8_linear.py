@@ -1,7 +1,12 @@
 """FP8Linear: accuracy vs nn.Linear, FP8-saved activations, scaling behaviour, side-channel grads, errors."""
 
+import copy
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
 import pytest
 import torch
+import torch.multiprocessing  # noqa: F401  (registers the tensor reductions ForkingPickler uses)
 from torch import nn
 
 from lightning_plugins.fp8 import FP8Linear, ScalingRegistry, clear_fp8_grads, frozen_scaling, get_fp8_grad
@@ -202,6 +207,16 @@ def test_fp8_weight_grad_not_attached_to_a_frozen_weight():
     x = torch.randn(4, 128, requires_grad=True)
     fp8(x).sum().backward()
     assert x.grad is not None and get_fp8_grad(fp8.weight) is None
+
+
+def test_fp8_weight_grad_goes_to_the_copy_after_deepcopy_and_pickling():
+    _, fp8 = _pair(wgrad_mode="fp8")
+    deep = copy.deepcopy(fp8)
+    unpickled = pickle.loads(ForkingPickler.dumps(fp8))  # as ddp_spawn sends a model to its processes
+    for layer in (deep, unpickled):
+        layer(torch.randn(4, 128)).sum().backward()
+        assert get_fp8_grad(layer.weight) is not None
+    assert get_fp8_grad(fp8.weight) is None  # the original's weight got nothing
 
 
 def test_fp8_weight_grad_after_dtype_and_device_moves():
