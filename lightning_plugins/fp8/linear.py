@@ -245,7 +245,7 @@ class FP8Linear(nn.Module):
             q, bad = quantize_with_state(dw, self.wgrad_scaling, record)
             return _poison(q.dequantize(weight.dtype), bad | dy_bad)
         slot = self.wgrad_slot
-        q, bad = quantize_with_state(dw + slot.accumulated(), self.wgrad_scaling, record)
+        q, bad = quantize_with_state(slot.add_to(dw), self.wgrad_scaling, record)
         # A NaN scale_inv makes the whole stored gradient dequantize to NaN.
         q.scale_inv = torch.where(bad | dy_bad, torch.full_like(q.scale_inv, _NAN), q.scale_inv)
         slot.store(q)

@@ -75,15 +75,16 @@ def _drop(param: torch.Tensor) -> None:
     if get_fp8_grad(param) is not None:
         setattr(param, _ATTR, None)
         slot = getattr(param, _SLOT_ATTR, None)
-        if slot is not None:
-            slot.scale_inv.zero_()  # the next backward starts from zero
+        if slot is not None:  # the next backward starts from zero (data too: a poisoned gradient may hold NaN)
+            slot.data.zero_()
+            slot.scale_inv.zero_()
 
 
 class WeightGradSlot(DeviceOnlyBuffers):
     """Where an FP8Linear's backward leaves its E4M3 weight gradient.
 
-    Tensors: ``data`` (E4M3, the weight's shape), ``scale_inv`` (fp32 0-d; 0 = empty, NaN = the
-    gradient was not finite) and ``token`` (a 0-d leaf the layer feeds into its autograd function
+    Tensors: ``data`` (E4M3, the weight's shape), ``scale_inv`` (fp32 0-d; 0 with zero data = empty,
+    NaN = the gradient was not finite) and ``token`` (a 0-d leaf the layer feeds into its autograd function
     while its weight needs a gradient; its hook attaches the slot to the weight). Plain tensor
     attributes rather than buffers: in no state dict, and not broadcast by DDP (which would
     overwrite the other ranks' gradients with rank 0's). They follow ``module.to(device)``.
@@ -132,9 +133,13 @@ class WeightGradSlot(DeviceOnlyBuffers):
         """A view of the slot (shares its storage)."""
         return ScaledTensor(self.data, self.scale_inv)
 
-    def accumulated(self) -> torch.Tensor:
-        """The slot's gradient in fp32: zeros while empty, NaN everywhere if it was poisoned."""
-        return torch.where(self.scale_inv != 0, to_float32(self.data) * self.scale_inv, 0.0)
+    def add_to(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` plus the slot's gradient (zero while empty: data and scale are zeroed together; NaN
+        everywhere if it was poisoned)."""
+        # Eager on the CPU, reading the scale costs no device sync: skip the pass over an empty slot.
+        if self.scale_inv.device.type == "cpu" and not torch.compiler.is_compiling() and self.scale_inv.item() == 0:
+            return grad
+        return grad + to_float32(self.data) * self.scale_inv
 
     def store(self, grad: ScaledTensor) -> None:
         """Overwrite the slot with ``grad`` (in place)."""

@@ -201,6 +201,14 @@ def test_fp8_weight_grad_survives_zero_grad_between_forward_and_backward():
     assert sqnr_db(ref.weight.grad, get_fp8_grad(fp8.weight).dequantize()) >= 17.0
 
 
+def test_fp8_weight_grad_of_a_layer_applied_twice_sums_both_uses():
+    ref, fp8 = _pair(64, 64, wgrad_mode="fp8")
+    x = torch.randn(32, 64)
+    ref(torch.tanh(ref(x))).sum().backward()
+    fp8(torch.tanh(fp8(x))).sum().backward()
+    assert sqnr_db(ref.weight.grad, get_fp8_grad(fp8.weight).dequantize()) >= 17.0
+
+
 def test_fp8_weight_grad_not_attached_to_a_frozen_weight():
     _, fp8 = _pair(wgrad_mode="fp8")
     fp8.weight.requires_grad_(False)
@@ -235,6 +243,9 @@ def test_fp8_side_channel_poisoned_on_nonfinite():
     dy[0, 0] = float("nan")
     fp8(torch.randn(4, 128)).backward(dy)
     assert torch.isnan(get_fp8_grad(fp8.weight).dequantize()).all()
+    clear_fp8_grads(fp8)  # the skipped step drops it: the next gradient is clean
+    fp8(torch.randn(4, 128)).sum().backward()
+    assert torch.isfinite(get_fp8_grad(fp8.weight).dequantize()).all()
 
 
 def test_from_linear_reuses_parameters_and_attributes():
