@@ -121,10 +121,11 @@ def quantize_with_state(x: torch.Tensor, state: ScalingState, record: bool = Tru
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_LUT_CHUNK = 1 << 16
 
 
 def to_float32(data: torch.Tensor) -> torch.Tensor:
-    """``data.to(torch.float32)``; for FP8 on the CPU through a 256-entry table, bit-identical and ~3.5x faster.
+    """``data.to(torch.float32)``; for FP8 on the CPU through a 256-entry table, bit-identical and ~5x faster.
 
     torch converts FP8 to fp32 on the CPU one element at a time (~7x slower than the opposite cast), which made
     the emulated GEMMs' dequantization the largest cost of a CPU FP8 training step. The table is torch's own
@@ -138,8 +139,15 @@ def to_float32(data: torch.Tensor) -> torch.Tensor:
     if table is None:
         table = torch.arange(256, dtype=torch.uint8).view(data.dtype).to(torch.float32)
         _FP8_TABLES[key] = table
-    codes = data.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    return torch.index_select(table, 0, codes).view(data.shape)
+    codes = data.contiguous().view(torch.uint8).reshape(-1)
+    if codes.numel() <= _LUT_CHUNK:
+        return torch.index_select(table, 0, codes.to(torch.int32)).view(data.shape)
+    # In chunks: a whole-tensor int32 index would be a large temporary whose fresh pages cost more than the lookup.
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    for start in range(0, codes.numel(), _LUT_CHUNK):
+        stop = start + _LUT_CHUNK
+        torch.index_select(table, 0, codes[start:stop].to(torch.int32), out=out[start:stop])
+    return out.view(data.shape)
 
 
 def dequantize(data: torch.Tensor, scale_inv: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:

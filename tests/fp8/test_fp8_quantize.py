@@ -97,3 +97,7 @@ def test_table_conversion_is_torchs_cast_bit_for_bit(dtype):
     strided = every_byte.reshape(16, 16).t()  # a non-contiguous view keeps its shape and values
     assert torch.equal(to_float32(strided).view(torch.int32), strided.to(torch.float32).view(torch.int32))
     assert to_float32(torch.ones(3)).dtype == torch.float32
+    # a tensor converted in several chunks (and a last, partial one), non-contiguous too
+    large = torch.randint(0, 256, (3 * 2**16 + 1234,), dtype=torch.uint8).view(dtype).reshape(-1, 2)
+    for tensor in (large, large.t()):
+        assert torch.equal(to_float32(tensor).view(torch.int32), tensor.to(torch.float32).view(torch.int32))
