@@ -44,9 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_plugins.fp8.formats import FP16
+from lightning_plugins.fp8.formats import FP16, get_format
 from lightning_plugins.fp8.linear import FP8Linear
-from lightning_plugins.fp8.quantize import dequantize, quantize
+from lightning_plugins.fp8.multi_tensor import dequantize_many, quantize_many_into
+from lightning_plugins.fp8.quantize import quantize
 from lightning_plugins.fp8.wgrad import clear_fp8_grads, get_fp8_grad
 
 __all__ = [
@@ -68,6 +69,9 @@ FORMAT_OPTIONS = ("exp_avg_dtype", "exp_avg_sq_dtype", "sqrt_exp_avg_sq", "maste
 
 _STATE_DTYPES = {"e4m3": torch.float8_e4m3fn, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.float8_e4m3fn: "e4m3", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Parameters updated together per _foreach call: bounds the fp32 working copies (about 24 bytes per element).
+_CHUNK_NUMEL = 1 << 26
 
 # torch.optim.Adam(W) options this implementation refuses when enabled: option -> how to fix.
 _UNSUPPORTED = {
@@ -112,6 +116,28 @@ def _store(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return x, torch.ones((), dtype=torch.float32, device=x.device)
     q, _ = quantize(x, fmt_name)  # just-in-time power-of-two scale, previous scale 1 (as MS-AMP)
     return q.data, q.scale_inv
+
+
+def _store_many(values: list[torch.Tensor], states: list[dict[str, Any]], key: str, fmt_name: str) -> None:
+    """Write fp32 moments into their states' storage (in place), each quantized with its own scale."""
+    datas = [s[key] for s in states]
+    if fmt_name == "fp32":
+        torch._foreach_copy_(datas, values)
+    else:
+        quantize_many_into(values, get_format(fmt_name), datas, [s[f"{key}_scale_inv"] for s in states])
+
+
+def _chunks(sizes: list[int], max_numel: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges whose sizes add up to at most ``max_numel`` (a larger single size: alone)."""
+    ranges, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > max_numel:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
 
 
 def _round_to_fp16_scaled(theta: torch.Tensor) -> torch.Tensor:
@@ -298,13 +324,17 @@ class _FP8AdamBase(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step over every parameter that has a gradient (fp32 ``.grad`` and/or FP8 side channel).
 
-        Gradients are used as they are: skipping a step on inf/NaN is the caller's job.
+        Gradients are used as they are: skipping a step on inf/NaN is the caller's job. The parameters of a
+        group are updated together (``_foreach`` ops, in chunks of at most ``_CHUNK_NUMEL`` elements, which
+        bounds the fp32 working copies of the moments); the arithmetic is the per-tensor one of the module
+        docstring.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params, grads = [], []
             for p in group["params"]:
                 g = self._gradient(p)
                 if g is None:
@@ -312,42 +342,61 @@ class _FP8AdamBase(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._init_state(p, group))
-                self._update(p, g, state, group)
+                params.append(p)
+                grads.append(g)
+            for start, stop in _chunks([p.numel() for p in params], _CHUNK_NUMEL):
+                self._update(params[start:stop], grads[start:stop], group)
         return loss
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any]) -> None:
         lr, eps, wd = _as_float(group["lr"]), _as_float(group["eps"]), _as_float(group["weight_decay"])
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         sqrt_v = group["sqrt_exp_avg_sq"]
+        states = [self.state[p] for p in params]
         if group["maximize"]:
-            grad = -grad
+            grads = torch._foreach_neg(grads)
         # For an fp32 param `.float()` is the param itself, so the update is in place (bit-identical to
         # torch's single-tensor Adam with fp32 states); otherwise it is an fp32 copy written back below.
-        theta = p.detach().float()
+        thetas = [p.detach().float() for p in params]
         if wd != 0:
             if group["decoupled_weight_decay"]:
-                theta.mul_(1 - lr * wd)
+                torch._foreach_mul_(thetas, 1 - lr * wd)
             else:
-                grad = grad.add(theta, alpha=wd)
-        m = dequantize(state["exp_avg"], state["exp_avg_scale_inv"])
-        v = dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale_inv"])
+                grads = torch._foreach_add(grads, thetas, alpha=wd)
+        ms = dequantize_many([s["exp_avg"] for s in states], [s["exp_avg_scale_inv"] for s in states])
+        vs = dequantize_many([s["exp_avg_sq"] for s in states], [s["exp_avg_sq_scale_inv"] for s in states])
         if sqrt_v:
-            v = v * v  # the state holds sqrt(v)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        state["step"] += 1
-        step = _as_float(state["step"])
-        bc1 = 1 - beta1**step if group["bias_correction"] else 1.0
-        bc2 = 1 - beta2**step if group["bias_correction"] else 1.0
-        v_sqrt = v.sqrt()
-        denom = (v_sqrt / bc2**0.5).add_(eps)
-        theta.addcdiv_(m, denom, value=-(lr / bc1))
-        state["exp_avg"], state["exp_avg_scale_inv"] = _store(m, group["exp_avg_dtype"])
-        state["exp_avg_sq"], state["exp_avg_sq_scale_inv"] = _store(v_sqrt if sqrt_v else v, group["exp_avg_sq_dtype"])
-        if id(p) in self._master_ids and group["master_weights"] == "fp16_scaled":
-            p.copy_(_round_to_fp16_scaled(theta))
-        elif theta.data_ptr() != p.data_ptr():
-            p.copy_(theta)
+            torch._foreach_mul_(vs, vs)  # the state holds sqrt(v)
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        bc1s, bc2s = [], []
+        for state in states:
+            state["step"] += 1
+            step = _as_float(state["step"])
+            bc1s.append(1 - beta1**step if group["bias_correction"] else 1.0)
+            bc2s.append(1 - beta2**step if group["bias_correction"] else 1.0)
+        v_sqrts = torch._foreach_sqrt(vs)
+        denoms = torch._foreach_div(v_sqrts, [bc2**0.5 for bc2 in bc2s])
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(thetas, ms, denoms, [-(lr / bc1) for bc1 in bc1s])
+        _store_many(ms, states, "exp_avg", group["exp_avg_dtype"])
+        _store_many(v_sqrts if sqrt_v else vs, states, "exp_avg_sq", group["exp_avg_sq_dtype"])
+        self._write_back(params, thetas, group)
+
+    def _write_back(self, params: list[torch.Tensor], thetas: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """Params whose update ran on an fp32 copy get it back (FP16-scaled masters rounded onto their grid)."""
+        scaled = group["master_weights"] == "fp16_scaled"
+        masters = [(p, t) for p, t in zip(params, thetas) if scaled and id(p) in self._master_ids]
+        copies = [(p, t) for p, t in zip(params, thetas)
+                  if not (scaled and id(p) in self._master_ids) and t.data_ptr() != p.data_ptr()]
+        if masters:
+            rounded = [torch.empty_like(t, dtype=torch.float16) for _, t in masters]
+            scale_invs = [torch.ones((), dtype=torch.float32, device=t.device) for _, t in masters]
+            quantize_many_into([t for _, t in masters], FP16, rounded, scale_invs)
+            torch._foreach_copy_([p for p, _ in masters], dequantize_many(rounded, scale_invs))
+        if copies:
+            torch._foreach_copy_([p for p, _ in copies], [t for _, t in copies])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset ``.grad`` (as torch) and drop the FP8 side-channel gradients of the optimized params."""
