@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         mem_ratio = (f"{r['peak_mem_GiB'] / ref['peak_mem_GiB']:.2f}x"
                      if ref and r["peak_mem_GiB"] is not None else "n/a")
         train_rows.append([r["mode"], "yes" if r["compile"] else "no", "ok", f"{1e3 * r['median_step_s']:.1f}",
-                           f"{1e3 * r['median_optimizer_step_s']:.1f}", speed, "n/a" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.2f}", mem_ratio,
+                           f"{1e3 * r['median_optimizer_step_s']:.1f}", speed,
+                           "n/a" if r["peak_mem_GiB"] is None else f"{r['peak_mem_GiB']:.2f}", mem_ratio,
                            f"{r['loss_last']:.3f}", "" if r["graph_breaks"] is None else r["graph_breaks"]])
     train_table = markdown_table(["precision", "torch.compile", "status", "step (ms)", "optimizer (ms)",
                                   "speed vs bf16-mixed",

@@ -1,7 +1,8 @@
 """FP8 numerics for training (pure torch; no Lightning): the MS-AMP recipe with a CPU emulation.
 
 * formats: :data:`E4M3` (max 448), :data:`E5M2` (max 57344), :data:`FP16` (for scaled optimizer states).
-* scaling: :func:`pow2_scale`, :class:`ScalingState` (amax history, JIT warm-up, delayed scaling),
+* scaling: :func:`pow2_scale`, :class:`ScalingState` (amax history, JIT warm-up, delayed scaling;
+  :func:`update_scaling_states` updates many at once),
   :func:`frozen_scaling` (evaluation records nothing).
 * quantize: :func:`quantize` / :func:`quantize_with_state` (saturating, non-finite flag computed
   before the cast), :func:`dequantize`, :class:`ScaledTensor`.
@@ -48,7 +49,13 @@ from lightning_plugins.fp8.optim_utils import (
 )
 from lightning_plugins.fp8.quantize import ScaledTensor, dequantize, quantize, quantize_with_state, tensor_amax
 from lightning_plugins.fp8.registry import ScalingRegistry
-from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling, pow2_scale, scaling_frozen
+from lightning_plugins.fp8.scaling import (
+    ScalingState,
+    frozen_scaling,
+    pow2_scale,
+    scaling_frozen,
+    update_scaling_states,
+)
 from lightning_plugins.fp8.wgrad import clear_fp8_grads, fp8_grad_params, get_fp8_grad, set_fp8_grad
 
 __all__ = [
@@ -98,4 +105,5 @@ __all__ = [
     "set_fp8_grad",
     "tensor_amax",
     "to_torch_adam_state_dict",
+    "update_scaling_states",
 ]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_plugins.fp8.linear import FP8Linear
-from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling
+from lightning_plugins.fp8.scaling import ScalingState, frozen_scaling, update_scaling_states
 
 __all__ = ["ScalingRegistry"]
 
@@ -73,8 +73,7 @@ class ScalingRegistry:
 
     def update(self) -> None:
         """Delayed-scaling update of every state; call once per optimizer step, taken or skipped."""
-        for state in self.states().values():
-            state.update()
+        update_scaling_states(self.states().values())
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

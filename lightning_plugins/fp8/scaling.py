@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from lightning_plugins.fp8.buffers import DeviceOnlyBuffers
 from lightning_plugins.fp8.formats import FloatFormat, get_format
 
-__all__ = ["pow2_scale", "ScalingState", "frozen_scaling", "scaling_frozen"]
+__all__ = ["pow2_scale", "ScalingState", "frozen_scaling", "scaling_frozen", "update_scaling_states"]
 
 # fp32 scales stay finite and exactly invertible within 2^±126.
 _MAX_EXP = 126.0
@@ -104,9 +104,10 @@ class ScalingState(DeviceOnlyBuffers):
     """Per-tensor scaling state: scale, amax history (delayed scaling) and a warm-up counter.
 
     It is an ``nn.Module`` only so that ``module.to(device)`` moves its tensors with the layer
-    that owns it (and nothing else: see :class:`DeviceOnlyBuffers`); its buffers are non-persistent, so a model's ``state_dict`` stays loadable into
-    plain ``nn.Linear`` layers. Save and restore it with :meth:`get_scaling_state` /
-    :meth:`set_scaling_state`. Its tensors stay fp32/int32 under ``module.half()`` and the like.
+    that owns it (and nothing else: see :class:`DeviceOnlyBuffers`); its buffers are
+    non-persistent, so a model's ``state_dict`` stays loadable into plain ``nn.Linear`` layers.
+    Save and restore it with :meth:`get_scaling_state` / :meth:`set_scaling_state`. Its tensors
+    stay fp32/int32 under ``module.half()`` and the like.
 
     Buffers:
         scale: fp32 0-d, the quantization multiplier (``q = cast(x * scale)``).
@@ -174,7 +175,6 @@ class ScalingState(DeviceOnlyBuffers):
         self.scale.copy_(scale)
         return scale.clone()
 
-    @torch.no_grad()
     def update(self) -> None:
         """Delayed-scaling step; call once after every optimizer step (taken or skipped).
 
@@ -182,19 +182,9 @@ class ScalingState(DeviceOnlyBuffers):
         current step) and advances the warm-up counter. A non-finite newest amax is dropped and
         the counter restarts, so the state falls back to JIT for a whole window (MS-AMP's
         recovery). Clears ``nonfinite_count``. Does nothing inside :func:`frozen_scaling`.
+        :func:`update_scaling_states` does the same for many states at once.
         """
-        if scaling_frozen():
-            return
-        newest = self.amax_history[0]
-        bad = ~torch.isfinite(newest)
-        self.amax_history[0] = torch.where(bad, torch.zeros_like(newest), newest)
-        new_scale = pow2_scale(self.amax_history.max(), self.fmt.max, margin=self.margin, prev_scale=self.scale)
-        self.scale.copy_(new_scale)
-        self.amax_history.copy_(self.amax_history.roll(1))
-        self.amax_history[0] = 0.0
-        advanced = torch.clamp(self.counter + 1, max=self.history_len).to(torch.int32)
-        self.counter.copy_(torch.where(bad, torch.zeros_like(self.counter), advanced))
-        self.nonfinite_count.zero_()
+        update_scaling_states([self])
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -232,3 +222,32 @@ class ScalingState(DeviceOnlyBuffers):
         self.counter.copy_(state["counter"])
         self.margin = int(state.get("margin", self.margin))
         self.nonfinite_count.zero_()
+
+
+@torch.no_grad()
+def update_scaling_states(states: Iterable[ScalingState]) -> None:
+    """:meth:`ScalingState.update` for every state, batched: states sharing a window length, format,
+    margin and device are updated with one set of stacked tensor ops (a handful of kernel launches for a
+    whole model instead of a dozen per state). Does nothing inside :func:`frozen_scaling`."""
+    if scaling_frozen():
+        return
+    groups: dict[tuple[Any, ...], list[ScalingState]] = {}
+    for state in states:
+        key = (state.history_len, state.fmt.max, state.margin, state.scale.device)
+        groups.setdefault(key, []).append(state)
+    for (history_len, fp_max, margin, _), group in groups.items():
+        history = torch.stack([s.amax_history for s in group])  # (states, window); column 0 = this step
+        counter = torch.stack([s.counter for s in group])
+        newest = history[:, 0]
+        bad = ~torch.isfinite(newest)
+        history[:, 0] = torch.where(bad, torch.zeros_like(newest), newest)
+        previous = torch.stack([s.scale for s in group])
+        scale = pow2_scale(history.amax(dim=1), fp_max, margin=margin, prev_scale=previous)
+        history = history.roll(1, dims=1)
+        history[:, 0] = 0.0
+        advanced = torch.clamp(counter + 1, max=history_len).to(torch.int32)
+        counter = torch.where(bad, torch.zeros_like(counter), advanced)
+        torch._foreach_copy_([s.scale for s in group], list(scale.unbind(0)))
+        torch._foreach_copy_([s.amax_history for s in group], list(history.unbind(0)))
+        torch._foreach_copy_([s.counter for s in group], list(counter.unbind(0)))
+        torch._foreach_zero_([s.nonfinite_count for s in group])

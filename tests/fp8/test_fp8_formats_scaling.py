@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from lightning_plugins.fp8 import E4M3, E5M2, FP16, ScalingState, frozen_scaling, get_format, pow2_scale
+from lightning_plugins.fp8 import (
+    E4M3,
+    E5M2,
+    FP16,
+    ScalingState,
+    frozen_scaling,
+    get_format,
+    pow2_scale,
+    update_scaling_states,
+)
 
 
 def ref_scale(amax: float, fp_max: float, margin: int = 0, prev: float = 1.0) -> float:
@@ -108,6 +117,22 @@ def test_window_tracks_max_of_last_n_steps():
         state.update()
         window = amaxes[max(0, i - n + 1) : i + 1]
         assert state.scale.item() == ref_scale(max(window), 448.0)
+
+
+def test_batched_update_of_mixed_states_tracks_each_window():
+    # one update_scaling_states call over states of different formats, windows and margins (grouped internally)
+    specs = [("e4m3", 16, 0), ("e5m2", 4, 0), ("e4m3", 1, 0), ("e4m3", 4, 2), ("e5m2", 16, 0)]
+    states = [ScalingState(fmt, history_len=n, margin=margin) for fmt, n, margin in specs]
+    g = torch.Generator().manual_seed(3)
+    amaxes = (torch.rand(30, len(specs), generator=g) * 1000 + 1e-3).tolist()
+    for i, row in enumerate(amaxes):
+        for state, amax in zip(states, row):
+            state.scale_for(torch.tensor(amax))
+        update_scaling_states(states)
+        for j, ((fmt, n, margin), state) in enumerate(zip(specs, states)):
+            window = [r[j] for r in amaxes[max(0, i - n + 1) : i + 1]]
+            assert state.scale.item() == ref_scale(max(window), get_format(fmt).max, margin), (i, j)
+            assert int(state.counter) == min(i + 1, n)
 
 
 def test_window_two_leaves_jit_after_two_updates():  # MS-AMP test_meta.py
