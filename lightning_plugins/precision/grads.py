@@ -41,8 +41,27 @@ def grads_nonfinite(params: Iterable[torch.Tensor]) -> torch.Tensor:
     turned inf into 448).
     """
     hp, fp8 = _split(params)
-    flags = [~torch.isfinite(p.grad.detach()).all() for p in hp]
-    flags += [~torch.isfinite(get_fp8_grad(p).scale_inv).all() for p in fp8]
+    flags = [_any_nonfinite([p.grad.detach() for p in hp])]
+    if fp8:
+        flags.append(~torch.isfinite(torch.stack([get_fp8_grad(p).scale_inv for p in fp8])).all())
+    device = next((f.device for f in flags if f.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([f.to(device) for f in flags]).any()
+
+
+def _any_nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Bool 0-d: does any tensor hold inf/NaN? One fused check per (device, dtype), not three kernels per tensor:
+    torch's own GradScaler op, with an unscale factor of 1 (values unchanged)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    flags = []
+    for g in grads:
+        if g.is_sparse:  # the fused op takes dense tensors
+            flags.append(~torch.isfinite(g.coalesce().values()).all())
+        else:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones((), device=device))
+        flags.append(found > 0)
     if not flags:
         return torch.zeros((), dtype=torch.bool)
     device = flags[0].device

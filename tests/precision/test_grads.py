@@ -74,3 +74,19 @@ def test_nonfinite_detection():
     clip_grad_value_(params, 0.5)
     assert bool(grads_nonfinite(params))
     assert not bool(grads_nonfinite([nn.Parameter(torch.zeros(2))]))
+
+
+def test_nonfinite_detection_over_mixed_dtypes_and_sparse_grads_leaves_values_alone():
+    fp32, bf16 = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    fp32.grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    bf16.grad = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    sparse = nn.Parameter(torch.zeros(5))
+    sparse.grad = torch.sparse_coo_tensor([[1, 3]], [1.0, 2.0], (5,))
+    before = [fp32.grad.clone(), bf16.grad.clone()]
+    assert not bool(grads_nonfinite([fp32, bf16, sparse]))
+    assert torch.equal(fp32.grad, before[0]) and torch.equal(bf16.grad, before[1])
+    bf16.grad[1] = float("nan")
+    assert bool(grads_nonfinite([fp32, bf16, sparse]))
+    bf16.grad[1] = 0.0
+    sparse.grad = torch.sparse_coo_tensor([[2]], [float("inf")], (5,))
+    assert bool(grads_nonfinite([fp32, bf16, sparse]))
