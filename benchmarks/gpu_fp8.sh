@@ -22,11 +22,12 @@ if ! "$py" -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-timeout 150 "$py" -m pytest -q -p no:cacheprovider -k cuda \
+# the CUDA cases (the compiled-block check in O2's mode only: the benchmark counts graph breaks in both)
+timeout 150 "$py" -m pytest -q -p no:cacheprovider -k "cuda and not dequantized" \
   tests/fp8/test_fp8_device.py tests/fp8/test_fp8_compile.py tests/precision/test_msamp_device.py 2>&1 | tee "$out/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-"$py" benchmarks/gpu_fp8.py --budget-s 170 --out-dir "$out" 2>&1 | tee "$out/gpu_fp8.log"
+"$py" benchmarks/gpu_fp8.py --budget-s 150 --out-dir "$out" 2>&1 | tee "$out/gpu_fp8.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "gpu_fp8.sh: tests exit $tests_rc, benchmark exit $bench_rc"

@@ -90,7 +90,7 @@ def test_device_path_sqnr_vs_nn_linear(device, backend, autocast_dtype):
 
 
 @requires_fp8_cuda
-def test_auto_backend_on_the_gpu_is_scaled_mm():
+def test_auto_backend_on_cuda_is_scaled_mm():
     from lightning_plugins.fp8 import TorchBackend, get_backend
 
     assert isinstance(get_backend("auto", "cuda"), TorchBackend)
