@@ -23,7 +23,9 @@ def dequantize_many(datas: list[torch.Tensor], scale_invs: list[torch.Tensor]) -
 
 
 def amax_many(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``max(|t|)`` of each tensor, as one fp32 vector."""
+    """``max(|t|)`` of each tensor, as one fp32 vector (on a GPU through torch's foreach inf-norm, whose NaN
+    handling is the kernel's: the FP8 optimizers' moments never hold NaN, since steps with non-finite
+    gradients are skipped)."""
     if tensors[0].device.type == "cpu":  # torch's CPU inf-norm is ~5x slower than a min/max pass
         return torch.stack([tensor_amax(t) for t in tensors])
     return torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).to(torch.float32)

@@ -101,3 +101,23 @@ def test_table_conversion_is_torchs_cast_bit_for_bit(dtype):
     large = torch.randint(0, 256, (3 * 2**16 + 1234,), dtype=torch.uint8).view(dtype).reshape(-1, 2)
     for tensor in (large, large.t()):
         assert torch.equal(to_float32(tensor).view(torch.int32), tensor.to(torch.float32).view(torch.int32))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "fp16"])
+def test_quantize_many_equals_quantize_tensor_by_tensor(fmt):
+    from lightning_plugins.fp8 import get_format
+    from lightning_plugins.fp8.multi_tensor import dequantize_many, quantize_many_into
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=g) * 1e-3, torch.zeros(4), torch.randn(3, generator=g) * 1e6,
+               torch.randn(2, 2, 2, generator=g)]
+    datas = [torch.empty_like(t, dtype=get_format(fmt).dtype) for t in tensors]
+    scale_invs = [torch.full((), 7.0) for _ in tensors]
+    quantize_many_into(tensors, get_format(fmt), datas, scale_invs)
+    for t, data, scale_inv in zip(tensors, datas, scale_invs):
+        q, _ = quantize(t, fmt)
+        assert torch.equal(data.view(torch.uint8) if data.element_size() == 1 else data,
+                           q.data.view(torch.uint8) if q.data.element_size() == 1 else q.data)
+        assert torch.equal(scale_inv, q.scale_inv)
+    for got, data, scale_inv in zip(dequantize_many(datas, scale_invs), datas, scale_invs):
+        assert torch.equal(got, dequantize(data, scale_inv))
