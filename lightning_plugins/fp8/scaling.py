@@ -65,8 +65,9 @@ def pow2_scale(
     exp = torch.floor(torch.log2(fp_max / amax_t)) - margin
     # amax subnormal -> ratio inf -> exp inf: clamp so the scale stays finite.
     exp = exp.clamp(-_MAX_EXP, _MAX_EXP)
-    magnitude = torch.round(torch.exp2(exp.abs()))
-    scale = torch.where(exp < 0, 1.0 / magnitude, magnitude)
+    # 2**exp assembled from its IEEE-754 bits (biased exponent, zero mantissa): exact by construction, and fewer
+    # kernels than exp2 plus rounding. (A NaN exp gives garbage bits here, but then `valid` is false.)
+    scale = ((exp.to(torch.int32) + 127) << 23).view(torch.float32)
     valid = (amax_t > 0) & torch.isfinite(amax_t)
     return torch.where(valid, scale, prev)
 
@@ -173,7 +174,7 @@ class ScalingState(DeviceOnlyBuffers):
         delayed_ok = self.history_len > 1
         scale = torch.where(self.counter < self.history_len, jit, self.scale) if delayed_ok else jit
         self.scale.copy_(scale)
-        return scale.clone()
+        return scale  # a new tensor (torch.where / pow2_scale), not the buffer
 
     def update(self) -> None:
         """Delayed-scaling step; call once after every optimizer step (taken or skipped).
