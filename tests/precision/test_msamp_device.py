@@ -29,9 +29,10 @@ def emulated_losses(quiet_lightning):
 @pytest.mark.parametrize(("device", "backend"), DEVICE_PATHS)
 @pytest.mark.parametrize("level", ["O1", "O2"])
 def test_training_on_device_follows_the_cpu_emulation(device, backend, level, emulated_losses):
+    # compute_dtype float32: the non-FP8 ops as in the CPU reference (on CUDA the default would be bf16 autocast);
     # deterministic=False: on CUDA, deterministic mode needs CUBLAS_WORKSPACE_CONFIG (and changes nothing here)
-    model, trainer = fit(plugins=[MSAMPPrecision(level=level, backend=backend)], steps=STEPS, accelerator=device,
-                         deterministic=False)
+    plugin = MSAMPPrecision(level=level, backend=backend, compute_dtype="float32")
+    model, trainer = fit(plugins=[plugin], steps=STEPS, accelerator=device, deterministic=False)
     losses, reference = model.losses, emulated_losses[level]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 3
