@@ -100,17 +100,9 @@ class Timer:
     def __call__(self, fn: Callable[[], Any], iters: int) -> list[float]:
         times = []
         for _ in range(iters):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            span = self.mark(fn)
+            self.sync()
+            times.append(span())
         return times
 
 

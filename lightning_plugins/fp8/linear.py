@@ -205,7 +205,7 @@ class FP8Linear(nn.Module):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._build_states(linear.weight.device)
-        layer.wgrad_mode = kwargs.get("wgrad_mode", "dequantized")
+        layer.wgrad_mode = layer.wgrad_mode  # rebuilds the FP8 gradient slot (if any) on the weight's device
         layer.train(linear.training)
         standard = {"training", "in_features", "out_features"}
         for key, value in vars(linear).items():

@@ -143,10 +143,12 @@ def _chunks(sizes: list[int], max_numel: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _round_to_fp16_scaled(theta: torch.Tensor) -> torch.Tensor:
+def _round_to_fp16_scaled(thetas: list[torch.Tensor]) -> list[torch.Tensor]:
     """fp32 values rounded onto the per-tensor-scaled FP16 grid (MS-AMP's master), returned in fp32."""
-    q, _ = quantize(theta, FP16)
-    return q.dequantize(torch.float32)
+    rounded = [torch.empty_like(t, dtype=torch.float16) for t in thetas]
+    scale_invs = [torch.ones((), dtype=torch.float32, device=t.device) for t in thetas]
+    quantize_many_into(thetas, FP16, rounded, scale_invs)
+    return dequantize_many(rounded, scale_invs)
 
 
 class _FP8AdamBase(torch.optim.Optimizer):
@@ -281,7 +283,7 @@ class _FP8AdamBase(torch.optim.Optimizer):
                         f"master_weights='fp16_scaled' keeps the master in an fp32 parameter, but an FP8Linear "
                         f"weight is {p.dtype}; use master_weights='fp16' or keep the model in fp32."
                     )
-                p.copy_(_round_to_fp16_scaled(p))
+                p.copy_(_round_to_fp16_scaled([p.detach()])[0])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -395,10 +397,7 @@ class _FP8AdamBase(torch.optim.Optimizer):
         copies = [(p, t) for p, t in zip(params, thetas)
                   if not (scaled and id(p) in self._master_ids) and t.data_ptr() != p.data_ptr()]
         if masters:
-            rounded = [torch.empty_like(t, dtype=torch.float16) for _, t in masters]
-            scale_invs = [torch.ones((), dtype=torch.float32, device=t.device) for _, t in masters]
-            quantize_many_into([t for _, t in masters], FP16, rounded, scale_invs)
-            torch._foreach_copy_([p for p, _ in masters], dequantize_many(rounded, scale_invs))
+            torch._foreach_copy_([p for p, _ in masters], _round_to_fp16_scaled([t for _, t in masters]))
         if copies:
             torch._foreach_copy_([p for p, _ in copies], [t for _, t in copies])
 
