@@ -16,10 +16,12 @@
 
 from lightning_plugins.fp8.convert import (
     DEFAULT_EXCLUDE,
+    SUPPORTED_LAYER_TYPES,
     ConversionReport,
     LayerDecision,
     convert_to_fp8,
     matches_pattern,
+    revert_fp8,
 )
 from lightning_plugins.fp8.formats import E4M3, E5M2, FORMATS, FP16, FloatFormat, get_format
 from lightning_plugins.fp8.gemm import (
@@ -31,7 +33,7 @@ from lightning_plugins.fp8.gemm import (
     get_backend,
     resolve_backend_name,
 )
-from lightning_plugins.fp8.linear import SCALING_ROLES, WGRAD_MODES, FP8Linear
+from lightning_plugins.fp8.linear import SCALING_ROLES, WGRAD_MODES, FP8Conv1D, FP8Linear
 from lightning_plugins.fp8.optim import (
     EXP_AVG_DTYPES,
     EXP_AVG_SQ_DTYPES,
@@ -47,7 +49,15 @@ from lightning_plugins.fp8.optim_utils import (
     to_torch_adam_state_dict,
     training_state_bytes,
 )
-from lightning_plugins.fp8.quantize import ScaledTensor, dequantize, quantize, quantize_with_state, tensor_amax
+from lightning_plugins.fp8.quantize import (
+    SaturationCounter,
+    ScaledTensor,
+    count_saturation,
+    dequantize,
+    quantize,
+    quantize_with_state,
+    tensor_amax,
+)
 from lightning_plugins.fp8.registry import ScalingRegistry
 from lightning_plugins.fp8.scaling import (
     ScalingState,
@@ -85,6 +95,11 @@ __all__ = [
     "TorchBackend",
     "clear_fp8_grads",
     "convert_to_fp8",
+    "revert_fp8",
+    "SaturationCounter",
+    "count_saturation",
+    "SUPPORTED_LAYER_TYPES",
+    "FP8Conv1D",
     "dequantize",
     "fp8_grad_params",
     "fp8_linear_weights",

@@ -1,9 +1,16 @@
-"""Swap ``nn.Linear`` layers for :class:`FP8Linear` in place, with a filter, exclusions and a report."""
+"""Swap linear layers for FP8 ones in place, with a filter, exclusions and a report; and swap them back.
+
+Supported layer types (:data:`SUPPORTED_LAYER_TYPES`): ``torch.nn.Linear`` -> :class:`FP8Linear`, and Hugging
+Face ``transformers``' ``Conv1D`` (GPT-2 / GPT-J-style projections, a Linear with a transposed weight) ->
+:class:`FP8Conv1D`. Every other layer that holds parameters stays in high precision and is listed in the report
+with its type and the reason.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -12,14 +19,46 @@ import torch
 from torch import nn
 
 from lightning_plugins.fp8.gemm import check_backend_name
-from lightning_plugins.fp8.linear import WGRAD_MODES, FP8Linear
+from lightning_plugins.fp8.linear import WGRAD_MODES, FP8Conv1D, FP8Linear
 
-__all__ = ["DEFAULT_EXCLUDE", "LayerDecision", "ConversionReport", "convert_to_fp8", "matches_pattern"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "SUPPORTED_LAYER_TYPES",
+    "LayerDecision",
+    "ConversionReport",
+    "convert_to_fp8",
+    "revert_fp8",
+    "matches_pattern",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)
+SUPPORTED_LAYER_TYPES: tuple[str, ...] = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D")
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _conv1d_type() -> type | None:
+    # transformers is never imported here: a model holding a Conv1D has imported it already
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
+
+
+def _linear_kind(mod: nn.Module) -> str | None:
+    """``"linear"`` / ``"conv1d"`` for a convertible layer type (subclasses included, judged later), else None."""
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(mod, conv1d):
+        return "conv1d"
+    return None
+
+
+def _features(mod: nn.Module, kind: str) -> tuple[int, int]:
+    if kind == "conv1d":
+        in_features, out_features = mod.weight.shape
+        return int(in_features), int(out_features)
+    return mod.in_features, mod.out_features
 
 
 @dataclass(frozen=True)
@@ -29,8 +68,9 @@ class LayerDecision:
     name: str
     in_features: int
     out_features: int
-    status: str  # "converted", "already FP8", or "skipped"
+    status: str  # "converted", "already FP8", "skipped", or "not supported"
     reason: str = ""
+    layer_type: str = "Linear"
 
 
 @dataclass
@@ -52,23 +92,44 @@ class ConversionReport:
 
     @property
     def skipped(self) -> list[LayerDecision]:
-        """Layers left as they were, each with its reason."""
+        """Linear layers left as they were, each with its reason."""
         return [d for d in self.decisions if d.status == "skipped"]
 
+    @property
+    def unsupported(self) -> list[LayerDecision]:
+        """Other layers holding parameters (embeddings, norms, convolutions...): kept in high precision."""
+        return [d for d in self.decisions if d.status == "not supported"]
+
+    def rows(self) -> list[dict[str, object]]:
+        """One dict per layer (name, type, in, out, status, reason): for a CSV file or a logger table."""
+        return [
+            {
+                "layer": d.name or "<root>",
+                "type": d.layer_type,
+                "in": d.in_features if d.status != "not supported" else "",
+                "out": d.out_features if d.status != "not supported" else "",
+                "status": d.status,
+                "reason": d.reason,
+            }
+            for d in self.decisions
+        ]
+
     def table(self) -> str:
-        """A plain-text table: layer, shape, status and reason."""
+        """A plain-text table: layer, type, shape, status and reason, under a summary line."""
         header = (
             f"FP8 conversion: {len(self.converted)} converted, {len(self.already_fp8)} already FP8, "
-            f"{len(self.skipped)} skipped"
+            f"{len(self.skipped)} skipped, {len(self.unsupported)} other layers kept in high precision "
+            f"(supported layer types: {', '.join(SUPPORTED_LAYER_TYPES)})"
         )
-        rows = [("layer", "in", "out", "status", "reason")]
+        rows = [("layer", "type", "in", "out", "status", "reason")]
         rows += [
-            (d.name or "<root>", str(d.in_features), str(d.out_features), d.status, d.reason) for d in self.decisions
+            (str(r["layer"]), str(r["type"]), str(r["in"]), str(r["out"]), str(r["status"]), str(r["reason"]))
+            for r in self.rows()
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [header]
         for r in rows:
-            lines.append("  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)) + ("  " + r[4] if r[4] else ""))
+            lines.append("  " + "  ".join(r[i].ljust(widths[i]) for i in range(5)) + ("  " + r[5] if r[5] else ""))
         if self.unmatched_exclude:
             lines.append(f"exclude patterns that matched no linear layer: {list(self.unmatched_exclude)}")
         return "\n".join(lines)
@@ -114,7 +175,8 @@ def _has_hooks(mod: nn.Module) -> bool:
 
 def _skip_reason(
     name: str,
-    mod: nn.Linear,
+    mod: nn.Module,
+    kind: str,
     patterns: tuple[str, ...],
     matched: set[str],
     module_filter_fn: Callable[[nn.Module, str], bool] | None,
@@ -129,15 +191,16 @@ def _skip_reason(
         return "module_filter_fn returned False"
     if getattr(mod, "use_fp32_linear", False):
         return "opt-out attribute use_fp32_linear=True"
-    if type(mod) is not nn.Linear:
+    if kind == "linear" and type(mod) is not nn.Linear:
         return f"{type(mod).__name__} is a subclass of nn.Linear; only plain nn.Linear is converted"
+    if kind == "conv1d" and type(mod) is not _conv1d_type():
+        return f"{type(mod).__name__} is a subclass of Conv1D; only plain Conv1D is converted"
     for pname in ("weight", "bias"):
         param = getattr(mod, pname)
         others = [fqn for owner, fqn in owners.get(id(param), ()) if owner != id(mod)] if param is not None else []
         if others:
             return f"tied {pname} (shared with {', '.join(others)})"
-    for dim_name in ("in_features", "out_features"):
-        dim = getattr(mod, dim_name)
+    for dim_name, dim in zip(("in_features", "out_features"), _features(mod, kind)):
         if dim % dim_multiple:
             return f"{dim_name}={dim} is not a multiple of {dim_multiple}"
     if mod.weight.dtype not in _COMPUTE_DTYPES:
@@ -160,9 +223,10 @@ def convert_to_fp8(
     use_fast_accum: bool = True,
     log_table: bool = True,
 ) -> ConversionReport:
-    """Replace eligible ``nn.Linear`` layers of ``module`` by :class:`FP8Linear`, in place.
+    """Replace eligible linear layers of ``module`` by :class:`FP8Linear` (``Conv1D``: :class:`FP8Conv1D`), in place.
 
-    A layer is converted when it is a plain ``nn.Linear`` that no ``exclude`` pattern matches,
+    A layer is converted when it is a plain ``nn.Linear`` (or ``transformers`` ``Conv1D``) that no ``exclude``
+    pattern matches,
     ``module_filter_fn(layer, name)`` accepts, has no tied weight/bias, has ``in_features`` and
     ``out_features`` divisible by ``dim_multiple``, an fp32/bf16/fp16 weight, no hooks, and no
     ``use_fp32_linear = True`` attribute. Parameters are reused (not copied), so the state dict
@@ -179,7 +243,8 @@ def convert_to_fp8(
         log_table: log the report table at INFO level (logger ``lightning_plugins.fp8.convert``).
 
     Returns:
-        A :class:`ConversionReport` (``print(report)`` shows the table).
+        A :class:`ConversionReport` (``print(report)`` shows the table): every linear layer, converted or not,
+        and every other layer holding parameters, each with its type and the reason it was not converted.
 
     Raises:
         RuntimeError: when no layer is FP8 afterwards (never a silent no-op); the message holds the table.
@@ -216,32 +281,41 @@ def convert_to_fp8(
 
     report = ConversionReport()
     matched: set[str] = set()
-    replaced: dict[int, nn.Module] = {}  # a Linear registered under several names is swapped everywhere
+    replaced: dict[int, nn.Module] = {}  # a layer registered under several names is swapped everywhere
     for name, mod in list(module.named_modules(remove_duplicate=False)):
         if isinstance(mod, FP8Linear):
             if id(mod) not in replaced:
                 replaced[id(mod)] = mod
-                report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "already FP8"))
+                report.decisions.append(
+                    LayerDecision(name, mod.in_features, mod.out_features, "already FP8", "", type(mod).__name__)
+                )
             continue
-        if not isinstance(mod, nn.Linear):
+        kind = _linear_kind(mod)
+        if kind is None:
+            if id(mod) not in replaced and _holds_parameters(mod):
+                replaced[id(mod)] = mod
+                report.decisions.append(_unsupported_decision(name, mod))
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = module.get_submodule(parent_name)
         if id(mod) in replaced:
             setattr(parent, child_name, replaced[id(mod)])
             continue
-        reason = _skip_reason(name, mod, patterns, matched, module_filter_fn, owners, dim_multiple)
+        in_features, out_features = _features(mod, kind)
+        layer_type = type(mod).__name__
+        reason = _skip_reason(name, mod, kind, patterns, matched, module_filter_fn, owners, dim_multiple)
         if reason:
-            report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "skipped", reason))
+            report.decisions.append(LayerDecision(name, in_features, out_features, "skipped", reason, layer_type))
             replaced[id(mod)] = mod
             continue
-        new = FP8Linear.from_linear(mod, **layer_kwargs)
+        new = FP8Conv1D.from_conv1d(mod, **layer_kwargs) if kind == "conv1d" else FP8Linear.from_linear(mod, **layer_kwargs)
         setattr(parent, child_name, new)
         replaced[id(mod)] = new
-        report.decisions.append(LayerDecision(name, mod.in_features, mod.out_features, "converted"))
+        report.decisions.append(LayerDecision(name, in_features, out_features, "converted", "", layer_type))
 
-    report.unmatched_exclude = tuple(p for p in patterns if p not in matched)
-    if user_patterns and report.unmatched_exclude:
+    # the default patterns are not the user's: that a model has no lm_head is no news
+    report.unmatched_exclude = tuple(p for p in patterns if p not in matched) if user_patterns else ()
+    if report.unmatched_exclude:
         warnings.warn(
             f"convert_to_fp8: exclude patterns {list(report.unmatched_exclude)} matched no linear layer; "
             "check the names with [n for n, m in model.named_modules()].",
@@ -249,15 +323,59 @@ def convert_to_fp8(
             stacklevel=2,
         )
     if not report.converted and not report.already_fp8:
-        if not report.decisions:
+        if not report.skipped:
             raise RuntimeError(
-                f"convert_to_fp8 found no nn.Linear layer in {type(module).__name__}; FP8 training would "
-                "change nothing. Remove the FP8 precision setting for this model."
+                f"convert_to_fp8 found no layer of a supported type ({', '.join(SUPPORTED_LAYER_TYPES)}) in "
+                f"{type(module).__name__}; FP8 training would change nothing. Remove the FP8 precision setting for "
+                "this model.\n" + report.table()
             )
         raise RuntimeError(
-            "convert_to_fp8 converted no layer, so FP8 training would silently run in high precision. "
-            "Relax module_filter_fn/exclude or dim_multiple, or remove the FP8 precision setting.\n" + report.table()
+            "convert_to_fp8 converted no layer, so FP8 training would silently run in high precision. Each "
+            "linear layer's reason is in the table below: relax module_filter_fn/exclude or dim_multiple where "
+            "that is the reason, or remove the FP8 precision setting.\n" + report.table()
         )
     if log_table:
         log.info("%s", report.table())
     return report
+
+
+def revert_fp8(module: nn.Module, layers: Iterable[nn.Module] | None = None) -> int:
+    """Swap FP8 layers back to the plain layers they were converted from (``nn.Linear`` / ``Conv1D``), in place.
+
+    The plain layer gets the FP8 layer's current parameters (the same objects, so an optimizer and the state dict
+    keys stay valid); FP8 weight gradients are dropped. Scaling states are not kept: save them first
+    (:class:`~lightning_plugins.fp8.ScalingRegistry`) if a later conversion should continue them.
+
+    Args:
+        module: the model.
+        layers: only these FP8 layers (default: every :class:`FP8Linear` of ``module``).
+
+    Returns:
+        The number of layers swapped back.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"revert_fp8 expects an nn.Module, got {type(module).__name__}.")
+    if isinstance(module, FP8Linear):
+        raise ValueError("revert_fp8 swaps layers in place, so the root module cannot be an FP8Linear itself.")
+    wanted = None if layers is None else {id(m) for m in layers}
+    restored: dict[int, nn.Module] = {}
+    for name, mod in list(module.named_modules(remove_duplicate=False)):
+        if not isinstance(mod, FP8Linear) or (wanted is not None and id(mod) not in wanted):
+            continue
+        if id(mod) not in restored:
+            restored[id(mod)] = mod.to_source_layer()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child_name, restored[id(mod)])
+    return len(restored)
+
+
+def _holds_parameters(mod: nn.Module) -> bool:
+    return any(True for _ in mod.parameters(recurse=False))
+
+
+def _unsupported_decision(name: str, mod: nn.Module) -> LayerDecision:
+    shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in mod.named_parameters(recurse=False))
+    kind = "a container holding parameters directly" if any(True for _ in mod.children()) else "not a linear layer"
+    return LayerDecision(
+        name, 0, 0, "not supported", f"{kind} ({shapes}); kept in high precision", type(mod).__name__
+    )

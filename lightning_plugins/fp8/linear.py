@@ -25,7 +25,7 @@ from lightning_plugins.fp8.quantize import ScaledTensor, quantize_with_state
 from lightning_plugins.fp8.scaling import ScalingState, scaling_frozen
 from lightning_plugins.fp8.wgrad import WeightGradSlot
 
-__all__ = ["FP8Linear", "WGRAD_MODES", "SCALING_ROLES"]
+__all__ = ["FP8Linear", "FP8Conv1D", "WGRAD_MODES", "SCALING_ROLES"]
 
 WGRAD_MODES = ("dequantized", "fp8")
 SCALING_ROLES = ("input", "weight", "grad_output", "wgrad")
@@ -65,9 +65,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         lead_shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         backend = get_backend(layer.backend, x.device)
+        # the GEMMs see the weight as [out, in]; a Conv1D-style layer stores it as [in, out]
+        weight_oi = weight.t() if layer.transposed_weight else weight
         with _no_autocast(x.device.type):
             xq, x_bad = quantize_with_state(x2, layer.input_scaling, record)
-            wq, w_bad = quantize_with_state(weight, layer.weight_scaling, record)
+            wq, w_bad = quantize_with_state(weight_oi, layer.weight_scaling, record)
             y = backend.mm(xq, wq.t(), out_dtype, use_fast_accum=layer.use_fast_accum)
             y = _poison(y, x_bad | w_bad)
         ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)
@@ -92,6 +94,8 @@ class _FP8LinearFunction(torch.autograd.Function):
                 dx = _poison(dx, dy_bad).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 dw_hp = backend.mm(dyq.t(), ScaledTensor(x_data, x_scale_inv), torch.float32)
+                if layer.transposed_weight:
+                    dw_hp = dw_hp.t().contiguous()
                 dw = layer._deliver_weight_grad(ctx.weight, dw_hp, dy_bad, ctx.record)
         ctx.weight = None
         token_grad = torch.zeros((), device=dy.device) if ctx.needs_input_grad[2] else None
@@ -124,6 +128,9 @@ class FP8Linear(nn.Module):
         use_fast_accum: fast (lower-precision) accumulation for the forward GEMM, as MS-AMP.
     """
 
+    #: the weight is stored ``[out, in]`` (``nn.Linear``); :class:`FP8Conv1D` stores it ``[in, out]``
+    transposed_weight = False
+
     def __init__(
         self,
         in_features: int,
@@ -151,7 +158,8 @@ class FP8Linear(nn.Module):
         self.margin = margin
         self.use_fast_accum = bool(use_fast_accum)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        shape = (in_features, out_features) if self.transposed_weight else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(*shape, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -189,7 +197,7 @@ class FP8Linear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Same initialisation as ``nn.Linear``."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.weight.t() if self.transposed_weight else self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
@@ -200,8 +208,12 @@ class FP8Linear(nn.Module):
         instance attributes are carried over. ``kwargs`` go to the constructor (backend, ...)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}.")
-        # Build on meta (no init work), then adopt the Linear's parameters.
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
+        return cls._adopt(linear, linear.in_features, linear.out_features, **kwargs)
+
+    @classmethod
+    def _adopt(cls, linear: nn.Module, in_features: int, out_features: int, **kwargs: Any) -> FP8Linear:
+        # Build on meta (no init work), then adopt the source layer's parameters.
+        layer = cls(in_features, out_features, bias=linear.bias is not None, device="meta", **kwargs)
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._build_states(linear.weight.device)
@@ -211,7 +223,32 @@ class FP8Linear(nn.Module):
         for key, value in vars(linear).items():
             if not key.startswith("_") and key not in standard and not hasattr(layer, key):
                 setattr(layer, key, value)
+        # kept outside the module tree (not a child: no duplicate state-dict keys) for to_source_layer()
+        object.__setattr__(layer, "_source_layer", linear)
         return layer
+
+    def to_source_layer(self) -> nn.Module:
+        """The plain layer this one was converted from, holding this layer's current parameters.
+
+        Layers built directly (not by :meth:`from_linear`) give a new ``nn.Linear``. The FP8 weight
+        gradient, if any, is dropped.
+        """
+        from lightning_plugins.fp8.wgrad import clear_fp8_grads
+
+        clear_fp8_grads([self.weight])
+        for attr in ("_fp8_grad", "_fp8_grad_slot"):
+            if hasattr(self.weight, attr):
+                delattr(self.weight, attr)
+        source = self.__dict__.get("_source_layer")
+        if source is None:
+            source = self._new_source_layer()
+        source.weight = self.weight
+        source.bias = self.bias
+        source.train(self.training)
+        return source
+
+    def _new_source_layer(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -278,3 +315,29 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"backend={self.backend}, wgrad_mode={self.wgrad_mode}"
         )
+
+
+class FP8Conv1D(FP8Linear):
+    """FP8 counterpart of Hugging Face ``transformers``' ``Conv1D`` (GPT-2, GPT-J-style blocks).
+
+    ``Conv1D(nf, nx)`` is a Linear with its weight stored transposed: ``weight [nx, nf] = [in, out]`` and
+    ``y = x @ weight + bias``. This layer keeps that layout (so its ``state_dict`` loads into ``Conv1D`` and
+    back) and runs the same FP8 GEMMs as :class:`FP8Linear` on the transposed view.
+    """
+
+    transposed_weight = True
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, **kwargs: Any) -> FP8Conv1D:
+        """Wrap a ``Conv1D`` (same parameter objects, attributes such as ``nf``/``nx`` kept)."""
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise TypeError(f"from_conv1d expects a Conv1D with a 2-D weight, got {type(conv).__name__}.")
+        in_features, out_features = weight.shape
+        return cls._adopt(conv, in_features, out_features, **kwargs)
+
+    def _new_source_layer(self) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            return Conv1D(self.out_features, self.in_features)

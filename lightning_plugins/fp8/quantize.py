@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from lightning_plugins.fp8.formats import FloatFormat, get_format
 from lightning_plugins.fp8.scaling import ScalingState, pow2_scale
 
-__all__ = ["ScaledTensor", "tensor_amax", "quantize", "quantize_with_state", "dequantize"]
+__all__ = [
+    "ScaledTensor",
+    "SaturationCounter",
+    "count_saturation",
+    "tensor_amax",
+    "quantize",
+    "quantize_with_state",
+    "dequantize",
+]
 
 
 @dataclass
@@ -115,8 +125,50 @@ def quantize_with_state(x: torch.Tensor, state: ScalingState, record: bool = Tru
     _check_input(x)
     amax = tensor_amax(x)
     scale = state.scale_for(amax, record=record).to(x.device)
+    if _SATURATION is not None and record:
+        _SATURATION.add(state, x, scale)
     data = _saturating_cast(x, state.fmt, scale)
     return ScaledTensor(data, torch.reciprocal(scale)), ~torch.isfinite(amax)
+
+
+@dataclass
+class SaturationCounter:
+    """How many values the recorded FP8 casts clipped at the format's max, per scaling state.
+
+    ``clipped[state]`` is a 0-d int64 tensor (on the tensor's device: no host sync while counting) and
+    ``elements[state]`` the number of values cast. Only casts that record an amax (training steps) count.
+    """
+
+    clipped: dict[ScalingState, torch.Tensor] = field(default_factory=dict)
+    elements: dict[ScalingState, int] = field(default_factory=dict)
+
+    def add(self, state: ScalingState, x: torch.Tensor, scale: torch.Tensor) -> None:
+        """Count the values of ``x`` whose scaled magnitude exceeds the format's max (inf included)."""
+        over = (x.detach().abs().to(torch.float32) * scale > state.fmt.max).sum()
+        previous = self.clipped.get(state)
+        self.clipped[state] = over if previous is None else previous + over.to(previous.device)
+        self.elements[state] = self.elements.get(state, 0) + x.numel()
+
+
+_SATURATION: SaturationCounter | None = None
+
+
+@contextlib.contextmanager
+def count_saturation() -> Iterator[SaturationCounter]:
+    """Count clipped values of every recording FP8 cast inside the block (one extra pass per cast).
+
+    Meant for the steps a logger records, not for every step::
+
+        with count_saturation() as counter:
+            loss = model(x).sum(); loss.backward()
+        share = sum(counter.clipped.values()) / sum(counter.elements.values())
+    """
+    global _SATURATION
+    previous, _SATURATION = _SATURATION, SaturationCounter()
+    try:
+        yield _SATURATION
+    finally:
+        _SATURATION = previous
 
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -13,14 +13,16 @@ Fabric has no ``connect`` hook, so at O2 swap the optimizer yourself::
     optimizer = plugin.convert_optimizer(torch.optim.AdamW(model.parameters()), model)
     model, optimizer = fabric.setup(model, optimizer)
 
-and clip with ``plugin.clip_grad_by_norm(optimizer, max_norm)`` (``fabric.clip_gradients`` only
-sees ``param.grad``, not the FP8 weight gradients).
+``Fabric(precision="fp8-msamp")`` (after ``import lightning_plugins``) builds this plugin at level O2, and
+``fabric.clip_gradients(...)`` then includes the FP8 weight gradients (see ``registration.py``).
+:meth:`restore_module` swaps the FP8 layers back to the plain ones when you are done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -35,6 +37,7 @@ from lightning_plugins.fp8 import (
     DEFAULT_EXCLUDE,
     ConversionReport,
     FP8Linear,
+    SaturationCounter,
     ScaledTensor,
     ScalingRegistry,
     clear_fp8_grads,
@@ -44,11 +47,13 @@ from lightning_plugins.fp8 import (
     frozen_scaling,
     get_fp8_grad,
     quantize,
+    revert_fp8,
     set_fp8_grad,
 )
 from lightning_plugins.fp8.comm import fp8_all_reduce
 from lightning_plugins.fp8.optim import _FP8AdamBase
 from lightning_plugins.precision import grads, settings
+from lightning_plugins.precision.fp8_stats import fp8_statistics
 
 __all__ = ["MSAMPFabricPrecision"]
 
@@ -87,6 +92,15 @@ class MSAMPFabricPrecision(FabricPrecision):
         checkpoint_format: ``"native"`` (FP16 masters and FP8 optimizer states, compact, exact) or
             ``"portable"`` (fp32 weights and ``torch.optim.Adam`` states; a plain run can resume it).
             Used by the Trainer plugin's checkpoint hooks.
+        restore_layers: Trainer plugin: at the end of every Trainer run (fit, validate, test, predict; also after an
+            error) swap the FP8 layers back to the plain layers they came from, with the weights in their original
+            dtype, so the model stays portable and a later run in another precision trains every weight; the next
+            FP8 run converts it again and continues the FP8 scales. ``False`` leaves the FP8 layers in the model.
+            With Fabric, call :meth:`restore_module` yourself.
+        log_fp8_stats: Trainer plugin: FP8 metrics sent to the loggers at their cadence (``log_every_n_steps``):
+            ``"summary"`` (per role: amax, scale range, share of clipped values; skipped steps), ``"per_layer"``
+            (also per layer) or ``"off"``. The conversion report is written as ``fp8_conversion.csv``/``.txt`` into
+            the logger's folder either way.
     """
 
     precision = "fp8-msamp"
@@ -110,6 +124,8 @@ class MSAMPFabricPrecision(FabricPrecision):
         sqrt_exp_avg_sq: bool = False,
         master_weights: Literal["fp16", "fp16_scaled", "fp32"] = "fp16",
         checkpoint_format: Literal["native", "portable"] = "native",
+        restore_layers: bool = True,
+        log_fp8_stats: Literal["summary", "per_layer", "off"] = "summary",
     ) -> None:
         self.level = settings.check_level(level)
         self.backend = settings.check_backend(backend)
@@ -125,6 +141,8 @@ class MSAMPFabricPrecision(FabricPrecision):
         )
         self.sqrt_exp_avg_sq = bool(sqrt_exp_avg_sq)
         self.checkpoint_format = settings.check_choice("checkpoint_format", checkpoint_format, settings.CHECKPOINT_FORMATS)
+        self.restore_layers = settings.check_bool("restore_layers", restore_layers)
+        self.log_fp8_stats = settings.check_choice("log_fp8_stats", log_fp8_stats, settings.STAT_MODES)
         self.skipped_steps = 0
         self.conversion_report: Optional[ConversionReport] = None
         self._module: Optional[nn.Module] = None
@@ -133,6 +151,11 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._reduce_group: Any = None
         self._pending_state: Optional[dict[str, Any]] = None
         self._optimizers: list[Optimizer] = []  # set by the Trainer plugin's connect
+        self._converted: list[nn.Module] = []  # the FP8 layers this plugin made (restore_module swaps them back)
+        self._master_dtypes: list[tuple[torch.Tensor, torch.dtype]] = []  # O2 FP16 masters and their former dtype
+        self._ddp_ignore_before: Optional[list[str]] = None
+        # scaling states kept by restore_module, for the next conversion of the same model
+        self._carried_state: Optional[tuple[weakref.ref, dict[str, Any]]] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r}, backend={self.backend!r})"
@@ -183,23 +206,64 @@ class MSAMPFabricPrecision(FabricPrecision):
         rank_zero_info(f"{type(self).__name__}(level={self.level}): {report.table()}")
         self.conversion_report = report
         self._module = module
+        self._converted = [module.get_submodule(d.name) for d in report.converted]
         self._registry = ScalingRegistry(module)
         weights = fp8_linear_weights(module)
         ids = {id(w) for w in weights}
         self._fp8_weight_names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
+        self._master_dtypes = []
+        self._ddp_ignore_before = None
         if self.level == "O2":
             if self.master_weights == "fp16":
                 for w in weights:
                     if w.dtype != torch.float16:
+                        self._master_dtypes.append((w, w.dtype))
                         w.data = w.data.to(torch.float16)
+            self._ddp_ignore_before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
             _ignore_in_ddp(module, self._fp8_weight_names)
             _broadcast_from_rank0([w.data for w in weights])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._reduce_group = dist.group.WORLD
+        carried, self._carried_state = self._carried_state, None
+        if self._pending_state is None and carried is not None and carried[0]() is module and carried[1]:
+            # the same model again (after restore_module): continue the scales of the layers it still has
+            self._registry.load_state_dict(carried[1]["scaling"], strict=False)
+            self.skipped_steps = int(carried[1].get("skipped_steps", 0))
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
         return module
+
+    def restore_module(self) -> int:
+        """Swap the FP8 layers this plugin converted back to their plain layers (``nn.Linear``/``Conv1D``).
+
+        Weights go back to the dtype they had before (the O2 FP16 masters too: FP16 values are exact in fp32), FP8
+        weight gradients are dropped, and DDP's ignore list is restored. The scaling states are kept by the plugin
+        (and stay in :meth:`state_dict`), so converting the same model again continues them. Returns the number of
+        layers swapped back (0 when nothing is converted).
+        """
+        module = self._module
+        if module is None:
+            return 0
+        state = self.state_dict()
+        restored = revert_fp8(module, self._converted)
+        for weight, dtype in self._master_dtypes:
+            if weight.dtype != dtype:
+                weight.data = weight.data.to(dtype)
+        if self._ddp_ignore_before is not None:
+            module._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
+        self._carried_state = (weakref.ref(module), state)
+        self._module = None
+        self._registry = None
+        self._converted, self._master_dtypes, self._ddp_ignore_before = [], [], None
+        return restored
+
+    def fp8_statistics(self, saturation: Optional[SaturationCounter] = None, per_layer: bool = False) -> dict[str, Any]:
+        """FP8 metrics of the converted model (device tensors, no host sync): see
+        :func:`~lightning_plugins.precision.fp8_stats.fp8_statistics`. Empty before :meth:`convert_module`."""
+        if self._registry is None:
+            return {}
+        return fp8_statistics(self._registry, self.skipped_steps, saturation, per_layer)
 
     def _check_existing_layers(self, module: nn.Module) -> None:
         wrong = [n for n, m in module.named_modules() if isinstance(m, FP8Linear) and m.wgrad_mode != self.wgrad_mode]
@@ -347,7 +411,8 @@ class MSAMPFabricPrecision(FabricPrecision):
     def state_dict(self) -> dict[str, Any]:
         """Scaling states (amax histories, scales, warm-up counters), the level and the skip counter."""
         if self._registry is None:
-            return {}
+            # after restore_module: what the next conversion will continue from
+            return dict(self._carried_state[1]) if self._carried_state is not None else {}
         return {
             "format_version": _STATE_VERSION,
             "level": self.level,

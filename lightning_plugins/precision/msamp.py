@@ -11,12 +11,17 @@ What each Trainer hook does (the FP8 machinery itself is in :mod:`lightning_plug
 * ``val/test/predict_step_context``: FP8 casts record nothing (the amax history sees training only).
 * ``state_dict``/``on_save_checkpoint``/``on_load_checkpoint``: scales in the checkpoint; optional
   portable checkpoint; an FP8 optimizer state is converted when the run resuming it uses a torch optimizer.
+* ``teardown``: the FP8 layers go back to plain ``nn.Linear``/``Conv1D`` (``restore_layers=True``), so no
+  later run in another precision finds FP8 layers whose weights it cannot train.
+* logging: the conversion report as files in the logger's folder and counts in its hyperparameters; FP8 metrics
+  (``log_fp8_stats``) on the steps the loggers record.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -27,11 +32,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import LBFGS, Optimizer
 
-from lightning_plugins.fp8 import fp8_linear_weights, rebind_lr_schedulers
+from lightning_plugins.fp8 import count_saturation, fp8_linear_weights, rebind_lr_schedulers
 from lightning_plugins.fp8.comm import register_fp8_comm_hook
 from lightning_plugins.fp8.optim import _FP8AdamBase
 from lightning_plugins.precision.checkpoint import is_fp8_optimizer_state, to_portable_checkpoint, to_torch_optimizer_state
 from lightning_plugins.precision.fabric import MSAMPFabricPrecision
+from lightning_plugins.precision.fp8_stats import conversion_summary, write_conversion_report
 
 __all__ = ["MSAMPPrecision"]
 
@@ -57,7 +63,41 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
                 rebind_lr_schedulers(lr_scheduler_configs, optimizer, new)
             new_optimizers.append(new)
         self._optimizers = new_optimizers
+        self._publish_conversion_report()
         return model, new_optimizers, lr_scheduler_configs
+
+    def teardown(self) -> None:
+        """End of a Trainer run: swap the FP8 layers back to plain ones (``restore_layers=True``)."""
+        super().teardown()
+        if self.restore_layers:
+            self.restore_module()
+
+    def _trainer(self) -> Any:
+        module = self._module
+        return getattr(module, "_trainer", None) if isinstance(module, pl.LightningModule) else None
+
+    def _publish_conversion_report(self) -> None:
+        """The conversion report as files in the logger's folder, and its counts as logger hyperparameters."""
+        trainer, report = self._trainer(), self.conversion_report
+        if trainer is None or report is None or getattr(self, "_published_report", None) is report:
+            return
+        self._published_report = report
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        folder = trainer.log_dir or trainer.default_root_dir
+        write_conversion_report(report, Path(folder))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(conversion_summary(report))
+
+    def _logging_step(self, model: pl.LightningModule) -> bool:
+        """Will the loggers record this step? (Lightning's own test, evaluated before the step as it is after.)"""
+        if self.log_fp8_stats == "off" or self._registry is None:
+            return False
+        trainer = getattr(model, "_trainer", None)
+        if trainer is None or not trainer.loggers or not trainer.training:
+            return False
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", False))
 
     def optimizer_step(  # type: ignore[override]
         self,
@@ -72,7 +112,9 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
                 "MSAMPPrecision and torch.optim.LBFGS are not compatible: LBFGS re-evaluates the closure inside its "
                 "step, which the inf/NaN skip cannot guard. Use Adam/AdamW (O2) or another first-order optimizer (O1)."
             )
-        closure_result = closure()
+        log_stats = self._logging_step(model)
+        with count_saturation() if log_stats else contextlib.nullcontext() as saturation:
+            closure_result = closure()
         if closure_result is None and model.automatic_optimization:
             # training_step returned None: no backward, nothing to step (as Lightning's AMP plugin).
             if self._registry is not None:
@@ -83,6 +125,9 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
         found = self._found_nonfinite(params)
         self._after_closure(model, optimizer)
         self._step_or_skip(optimizer, found, **kwargs)
+        if log_stats:
+            stats = self.fp8_statistics(saturation, per_layer=self.log_fp8_stats == "per_layer")
+            model.log_dict(stats, on_step=True, on_epoch=False, logger=True, prog_bar=False)
         return closure_result
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:  # type: ignore[override]

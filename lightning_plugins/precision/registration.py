@@ -1,33 +1,37 @@
-"""The string form ``Trainer(precision="fp8-msamp")``: a minimal, reversible patch of two Lightning symbols.
+"""The string form ``precision="fp8-msamp"`` for ``Trainer`` and ``Fabric``: a minimal, reversible patch.
 
-Lightning has no precision registry (``StrategyRegistry`` entries' precision plugins are overwritten
-by the accelerator connector), so the string needs a patch. ``import lightning_plugins`` applies it
-once; it touches only:
+Lightning has no precision registry, so the string needs a patch. ``import lightning_plugins`` applies it
+once; it touches only these Lightning symbols, each replaced by a thin wrapper that passes every other value
+through unchanged (so a traceback shows our frame only for an error about the precision itself):
 
-1. ``lightning.pytorch.trainer.connectors.accelerator_connector._AcceleratorConnector.__init__``,
-   wrapped: ``precision="fp8-msamp"`` is turned into ``precision=None, plugins=[..., MSAMPPrecision()]``
-   (exactly what a user passing the plugin instance gets); every other call goes to Lightning unchanged.
-2. ``lightning.pytorch.Trainer.__init__.__annotations__["precision"]``: the ``Literal`` of allowed values
+1. ``_convert_precision_to_unified_args`` (in ``lightning.fabric.connector`` and in the Trainer's
+   ``accelerator_connector``, which imports it): ``"fp8-msamp"`` is accepted as a precision value.
+2. ``_AcceleratorConnector._check_and_init_precision`` (Trainer) and ``_Connector._check_and_init_precision``
+   (Fabric): for ``"fp8-msamp"`` they build ``MSAMPPrecision()`` / ``MSAMPFabricPrecision()``, exactly as if the
+   instance had been passed in ``plugins`` (Lightning's own rules then apply, e.g. its error when both the string
+   and a precision plugin are given). For Fabric with an FP8 plugin (string or instance), the strategy's gradient
+   clipping includes the FP8 weight gradients and, at O2, ``fabric.setup`` swaps Adam/AdamW for the FP8 optimizer.
+3. ``lightning.pytorch.Trainer.__init__.__annotations__["precision"]``: the ``Literal`` of allowed values
    gains ``"fp8-msamp"``, so that ``LightningCLI`` (jsonargparse validates against it) accepts
    ``trainer: {precision: fp8-msamp}``. This needs the patch to be applied before the CLI builds its
    parser, which ``import lightning_plugins`` does.
 
-``"fp8-msamp"`` means ``MSAMPPrecision()``: level ``"O2"`` (the FP8-LM recipe: FP8 GEMMs, FP8 weight
-gradients and communication, FP8/FP16 Adam states, FP16 master weights), which needs Adam or AdamW;
-pass ``plugins=[MSAMPPrecision(level="O1")]`` for other optimizers or other options.
+It also silences Lightning's model-summary warning that ``fp8-msamp`` is an unknown precision (the summary then
+counts 32 bits per parameter: the size of the weights at O1 and outside the FP8 layers).
+
+``"fp8-msamp"`` means level ``"O2"`` (the FP8-LM recipe: FP8 GEMMs, FP8 weight gradients and communication,
+FP8/FP16 Adam states, FP16 master weights), which needs Adam or AdamW; pass
+``plugins=[MSAMPPrecision(level="O1")]`` for other optimizers or other options.
 
 The patch is applied only for the Lightning versions it was tested with (:data:`TESTED_LIGHTNING`);
 outside them :func:`register_precision_flag` raises and ``import lightning_plugins`` warns, and the
 plugin instance (``Trainer(plugins=[MSAMPPrecision(...)])``) keeps working with stock Lightning.
-``Fabric(precision=...)`` is not patched: use ``Fabric(plugins=[MSAMPFabricPrecision(...)])``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
-from collections.abc import Iterable
 from typing import Any, Literal, Optional, Union, get_args
 
 from packaging.version import Version
@@ -45,8 +49,9 @@ PRECISION_FLAG = "fp8-msamp"
 # [first tested, first untested): the patched private symbols were checked in each tested release.
 TESTED_LIGHTNING = ("2.4.0", "2.7.0")
 
-_ORIGINALS: dict[str, Any] = {}
+_ORIGINALS: dict[Any, Any] = {}
 _MARK = "__lightning_plugins_original__"
+_SUMMARY_WARNING = rf"Precision {PRECISION_FLAG} is not supported by the model summary"
 
 
 def _lightning_version() -> str:
@@ -71,51 +76,96 @@ def _unsupported(reason: str) -> RuntimeError:
     )
 
 
-def _targets() -> tuple[type, type]:
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+def _targets() -> tuple[Any, Any, type, type, type]:
+    import lightning.fabric.connector as fabric_connector
+    import lightning.pytorch.trainer.connectors.accelerator_connector as trainer_connector
     from lightning.pytorch.trainer.trainer import Trainer
 
-    params = inspect.signature(_AcceleratorConnector.__init__).parameters
-    if "precision" not in params or "plugins" not in params:
-        raise _unsupported("_AcceleratorConnector.__init__ has no 'precision'/'plugins' parameters")
+    for module in (fabric_connector, trainer_connector):
+        if not callable(getattr(module, "_convert_precision_to_unified_args", None)):
+            raise _unsupported(f"{module.__name__} has no _convert_precision_to_unified_args")
+    connectors = (trainer_connector._AcceleratorConnector, fabric_connector._Connector)
+    for connector in connectors:
+        if not callable(getattr(connector, "_check_and_init_precision", None)):
+            raise _unsupported(f"{connector.__name__} has no _check_and_init_precision")
     if "precision" not in getattr(Trainer.__init__, "__annotations__", {}):
         raise _unsupported("Trainer.__init__ has no 'precision' annotation")
-    return _AcceleratorConnector, Trainer
+    return fabric_connector, trainer_connector, connectors[0], connectors[1], Trainer
 
 
-def _with_plugin(plugins: Any) -> list[Any]:
-    from lightning.pytorch.plugins.precision import Precision
-
-    from lightning_plugins.precision.msamp import MSAMPPrecision
-
-    if plugins is None:
-        items: list[Any] = []
-    elif isinstance(plugins, str) or not isinstance(plugins, Iterable):
-        items = [plugins]
-    else:
-        items = list(plugins)
-    others = [p for p in items if isinstance(p, Precision)]
-    if others:
-        raise ValueError(
-            f"Received both precision={PRECISION_FLAG!r} and the precision plugin {others[0]!r} in plugins; choose "
-            f"one (configure FP8 in plugins=[MSAMPPrecision(...)] and drop precision={PRECISION_FLAG!r})."
-        )
-    return [*items, MSAMPPrecision()]
-
-
-def _wrap_connector_init(original: Any) -> Any:
-    signature = inspect.signature(original)
-
+def _wrap_convert(original: Any) -> Any:
     @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
-        if bound.arguments.get("precision") == PRECISION_FLAG:
-            bound.arguments["plugins"] = _with_plugin(bound.arguments.get("plugins"))
-            bound.arguments["precision"] = None
-        original(*bound.args, **bound.kwargs)
+    def _convert_precision_to_unified_args(precision: Any) -> Any:
+        if precision == PRECISION_FLAG:
+            return PRECISION_FLAG
+        return original(precision)
 
-    setattr(__init__, _MARK, original)
-    return __init__
+    setattr(_convert_precision_to_unified_args, _MARK, original)
+    return _convert_precision_to_unified_args
+
+
+def _wrap_trainer_precision(original: Any) -> Any:
+    @functools.wraps(original)
+    def _check_and_init_precision(self: Any) -> Any:
+        if self._precision_flag == PRECISION_FLAG and self._precision_plugin_flag is None:
+            from lightning_plugins.precision.msamp import MSAMPPrecision
+
+            self._precision_plugin_flag = MSAMPPrecision()
+            self._precision_flag = "32-true"  # what Lightning records when a plugin instance is passed
+        return original(self)
+
+    setattr(_check_and_init_precision, _MARK, original)
+    return _check_and_init_precision
+
+
+def _wrap_fabric_precision(original: Any) -> Any:
+    @functools.wraps(original)
+    def _check_and_init_precision(self: Any) -> Any:
+        from lightning_plugins.precision.fabric import MSAMPFabricPrecision
+
+        if self._precision_input == PRECISION_FLAG and self._precision_instance is None:
+            self._precision_instance = MSAMPFabricPrecision()
+            self._precision_input = "32-true"
+        precision = original(self)
+        if isinstance(precision, MSAMPFabricPrecision):
+            _fp8_aware_fabric_strategy(self.strategy, precision)
+        return precision
+
+    setattr(_check_and_init_precision, _MARK, original)
+    return _check_and_init_precision
+
+
+def _fp8_aware_fabric_strategy(strategy: Any, precision: Any) -> None:
+    """Give this Fabric strategy instance FP8-aware clipping and the O2 optimizer swap (instance attributes only)."""
+    setup_optimizer = strategy.setup_optimizer
+
+    def clip_gradients_norm(
+        module: Any, optimizer: Any, max_norm: Any, norm_type: Any = 2.0, error_if_nonfinite: bool = True
+    ) -> Any:
+        total = precision.clip_grad_by_norm(optimizer, max_norm, norm_type)
+        if error_if_nonfinite and not bool(total.isfinite()):
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`"
+            )
+        return total
+
+    def clip_gradients_value(module: Any, optimizer: Any, clip_val: Any) -> None:
+        precision.clip_grad_by_value(optimizer, clip_val)
+
+    def setup_optimizer_fp8(optimizer: Any) -> Any:
+        if precision.level == "O2" and precision._module is None:
+            raise RuntimeError(
+                "Fabric with precision 'fp8-msamp' (level O2) swaps Adam/AdamW for the FP8 optimizer of the FP8 "
+                "model: set up the model first (fabric.setup(model, optimizer) or fabric.setup_module(model) before "
+                "fabric.setup_optimizers(optimizer))."
+            )
+        return setup_optimizer(precision.convert_optimizer(optimizer, precision._module))
+
+    strategy.clip_gradients_norm = clip_gradients_norm
+    strategy.clip_gradients_value = clip_gradients_value
+    strategy.setup_optimizer = setup_optimizer_fp8
 
 
 def is_registered() -> bool:
@@ -123,8 +173,17 @@ def is_registered() -> bool:
     return bool(_ORIGINALS)
 
 
+def _patch(owner: Any, name: str, wrap: Any) -> None:
+    current = getattr(owner, name)
+    if not hasattr(current, _MARK):
+        _ORIGINALS[(owner, name)] = current
+        setattr(owner, name, wrap(current))
+
+
 def register_precision_flag() -> None:
-    """Enable ``Trainer(precision="fp8-msamp")`` and the LightningCLI value (idempotent).
+    """Enable ``Trainer(precision="fp8-msamp")``, ``Fabric(precision="fp8-msamp")`` and the LightningCLI value.
+
+    Idempotent.
 
     Raises:
         RuntimeError: for a Lightning version outside :data:`TESTED_LIGHTNING` or without the
@@ -135,14 +194,16 @@ def register_precision_flag() -> None:
     version = _lightning_version()
     if not lightning_version_supported(version):
         raise _unsupported(f"Lightning {version} is not a tested version")
-    connector, trainer = _targets()
+    fabric_module, trainer_module, trainer_connector, fabric_connector, trainer = _targets()
     annotations = trainer.__init__.__annotations__
     if PRECISION_FLAG not in _literal_values(annotations["precision"]):
         _ORIGINALS["annotation"] = annotations["precision"]
         annotations["precision"] = Optional[Union[annotations["precision"], Literal["fp8-msamp"]]]
-    if not hasattr(connector.__init__, _MARK):
-        _ORIGINALS["connector_init"] = connector.__init__
-        connector.__init__ = _wrap_connector_init(connector.__init__)
+    _patch(fabric_module, "_convert_precision_to_unified_args", _wrap_convert)
+    _patch(trainer_module, "_convert_precision_to_unified_args", _wrap_convert)
+    _patch(trainer_connector, "_check_and_init_precision", _wrap_trainer_precision)
+    _patch(fabric_connector, "_check_and_init_precision", _wrap_fabric_precision)
+    warnings.filterwarnings("ignore", message=_SUMMARY_WARNING, category=UserWarning)
     _ORIGINALS.setdefault("registered", True)
 
 
@@ -150,9 +211,10 @@ def unregister_precision_flag() -> None:
     """Undo :func:`register_precision_flag` (restores the original Lightning symbols)."""
     if not _ORIGINALS:
         return
-    connector, trainer = _targets()
-    if "connector_init" in _ORIGINALS:
-        connector.__init__ = _ORIGINALS["connector_init"]
+    _, _, _, _, trainer = _targets()
+    for key, original in _ORIGINALS.items():
+        if isinstance(key, tuple):
+            setattr(key[0], key[1], original)
     if "annotation" in _ORIGINALS:
         trainer.__init__.__annotations__["precision"] = _ORIGINALS["annotation"]
     _ORIGINALS.clear()

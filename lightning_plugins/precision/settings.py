@@ -12,6 +12,7 @@ from lightning_plugins.fp8 import BACKENDS, DEFAULT_EXCLUDE, EXP_AVG_DTYPES, EXP
 LEVELS = ("O1", "O2")
 GRAD_COMMS = ("fp8", "hp")
 CHECKPOINT_FORMATS = ("native", "portable")
+STAT_MODES = ("summary", "per_layer", "off")
 # None = automatic: bf16 autocast for CUDA ops, no autocast (fp32) for CPU ops.
 _COMPUTE_DTYPES = {
     "float32": torch.float32,
@@ -28,6 +29,13 @@ def check_choice(option: str, value: Any, allowed: Sequence[str], fix: str = "")
         return value
     hint = f" {fix}" if fix else ""
     raise ValueError(f"Unknown {option} {value!r}; allowed: {list(allowed)}.{hint}")
+
+
+def check_bool(option: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{option} must be True or False, got {value!r}.")
+    return value
 
 
 def check_level(level: Any) -> str:

@@ -117,10 +117,22 @@ def trainer_kwargs(**overrides):
     return kwargs
 
 
-def fit(precision=None, plugins=None, steps: int = 20, seed: int = 0, model: TinyMLP | None = None, **kw):
-    """Train a TinyMLP for ``steps`` optimizer steps; returns (model, trainer)."""
+class KeepFP8Layers(pl.Callback):
+    """Leave the FP8 layers in the model after the run (``restore_layers=False``), so a test can inspect the FP8
+    training state (masters, scales, optimizer) as it was at the end of training."""
+
+    def setup(self, trainer, pl_module, stage):
+        trainer.precision_plugin.restore_layers = False
+
+
+def fit(
+    precision=None, plugins=None, steps: int = 20, seed: int = 0, model: TinyMLP | None = None, keep_fp8=True, **kw
+):
+    """Train a TinyMLP for ``steps`` optimizer steps; returns (model, trainer). ``keep_fp8``: see KeepFP8Layers."""
     pl.seed_everything(seed, verbose=False)
     model = model or TinyMLP()
+    if keep_fp8 and (precision == "fp8-msamp" or plugins):
+        kw["callbacks"] = [*kw.get("callbacks", []), KeepFP8Layers()]
     args = trainer_kwargs(max_steps=steps, limit_val_batches=0, **kw)
     if precision is not None:
         args["precision"] = precision

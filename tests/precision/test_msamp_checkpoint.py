@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from precision_helpers import TinyMLP, loader, trainer_kwargs
+from precision_helpers import KeepFP8Layers, TinyMLP, loader, trainer_kwargs
 
 from lightning_plugins import MSAMPPrecision
 from lightning_plugins.fp8 import FP8Linear, dequantize
@@ -18,7 +18,7 @@ EPOCHS = 2  # 8 batches per epoch
 def _run(max_epochs, plugin=None, ckpt_path=None, precision=None):
     pl.seed_everything(0, verbose=False)
     model = TinyMLP(step_lr=0.95)
-    kwargs = trainer_kwargs(max_epochs=max_epochs, limit_val_batches=0)
+    kwargs = trainer_kwargs(max_epochs=max_epochs, limit_val_batches=0, callbacks=[KeepFP8Layers()])
     if plugin is not None:
         kwargs["plugins"] = [plugin]
     if precision is not None:

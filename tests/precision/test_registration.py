@@ -66,21 +66,63 @@ def test_plugin_instance_with_stock_lightning(stock_lightning):
     assert trainer.precision_plugin.level == "O1"
 
 
-# --- patched symbol 1: _AcceleratorConnector.__init__ ---------------------------------------------------------
+# --- patched symbols 1 and 2: the precision conversion and the two connectors' _check_and_init_precision -------
 
 
-def test_patched_connector_init():
-    original = registration._ORIGINALS["connector_init"]
-    params = inspect.signature(original).parameters
-    assert "precision" in params and "plugins" in params
-    assert _AcceleratorConnector.__init__ is not original
-    assert _AcceleratorConnector.__init__.__wrapped__ is original
+def _patched_symbols():
+    import lightning.fabric.connector as fabric_connector
+    import lightning.pytorch.trainer.connectors.accelerator_connector as trainer_connector
+
+    return [
+        (fabric_connector, "_convert_precision_to_unified_args"),
+        (trainer_connector, "_convert_precision_to_unified_args"),
+        (trainer_connector._AcceleratorConnector, "_check_and_init_precision"),
+        (fabric_connector._Connector, "_check_and_init_precision"),
+    ]
+
+
+def test_patched_symbols_wrap_and_restore_the_originals():
+    for owner, name in _patched_symbols():
+        original = registration._ORIGINALS[(owner, name)]
+        assert getattr(owner, name) is not original and getattr(owner, name).__wrapped__ is original
     registration.unregister_precision_flag()
-    assert _AcceleratorConnector.__init__ is original
+    for owner, name in _patched_symbols():
+        assert not hasattr(getattr(owner, name), "__wrapped__")
     registration.register_precision_flag()
     # positional call (the Trainer uses keywords) goes through the same translation
     connector = _AcceleratorConnector("auto", 1, "cpu", "auto", None, "fp8-msamp")
     assert isinstance(connector.precision_plugin, MSAMPPrecision)
+
+
+def test_tracebacks_of_other_errors_show_no_frame_of_ours():
+    """Before, every Trainer construction ran through a wrapper of the connector's __init__, so any Trainer error
+    (here a bad accelerator, with 32-true) showed a frame of registration.py."""
+    import traceback
+
+    with pytest.raises(ValueError, match="invalid accelerator name") as info:
+        pl.Trainer(accelerator="tpu-ish", precision="32-true")
+    frames = [frame.filename for frame in traceback.extract_tb(info.tb)]
+    assert not [f for f in frames if "lightning_plugins" in f], frames
+
+
+def test_model_summary_does_not_warn_about_the_precision():
+    trainer = pl.Trainer(**trainer_kwargs(precision="fp8-msamp", max_steps=1, limit_val_batches=0,
+                                          enable_model_summary=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        registration.register_precision_flag()  # (idempotent; the filter is installed at import)
+        warnings.filterwarnings("ignore", message=registration._SUMMARY_WARNING, category=UserWarning)
+        trainer.fit(TinyMLP(), loader())
+    assert not [w for w in caught if "not supported by the model summary" in str(w.message)]
+
+
+def test_register_is_idempotent():
+    current = [getattr(owner, name) for owner, name in _patched_symbols()]
+    annotation = pl.Trainer.__init__.__annotations__["precision"]
+    registration.register_precision_flag()
+    registration.register_precision_flag()
+    assert [getattr(owner, name) for owner, name in _patched_symbols()] == current
+    assert pl.Trainer.__init__.__annotations__["precision"] is annotation
 
 
 # --- patched symbol 2: Trainer.__init__.__annotations__["precision"] ---------------------------------------------
@@ -95,22 +137,14 @@ def test_patched_trainer_precision_annotation():
     assert "fp8-msamp" not in _precision_literals()
 
 
-def test_register_is_idempotent():
-    init, annotation = _AcceleratorConnector.__init__, pl.Trainer.__init__.__annotations__["precision"]
-    registration.register_precision_flag()
-    registration.register_precision_flag()
-    assert _AcceleratorConnector.__init__ is init
-    assert pl.Trainer.__init__.__annotations__["precision"] is annotation
-
-
 @pytest.mark.parametrize("version", ["2.3.3", "2.7.0", "3.0.0"])
 def test_untested_lightning_version_refuses_with_the_alternative(stock_lightning, monkeypatch, version):
     monkeypatch.setattr(registration, "_lightning_version", lambda: version)
-    original = _AcceleratorConnector.__init__
+    originals = [getattr(owner, name) for owner, name in _patched_symbols()]
     with pytest.raises(RuntimeError, match=rf"Lightning {version} is not a tested version.*plugins=\[lightning_plugins"):
         registration.register_precision_flag()
     assert not registration.is_registered()
-    assert _AcceleratorConnector.__init__ is original
+    assert [getattr(owner, name) for owner, name in _patched_symbols()] == originals
     assert "fp8-msamp" not in _precision_literals()
     with pytest.warns(UserWarning, match="Pass the plugin instance instead"):
         registration.register_on_import()
