@@ -2,7 +2,8 @@
 
 The precision plugin converts the model's Linear layers (the FFNs included) to FP8Linear before the callback wraps
 the FFNs with LoRA; the adapters train in fp32 on top of the frozen FP8 layers and merge into their weights at the
-end of each task. Each task is a new Trainer, i.e. a new plugin that finds the layers already converted.
+end of each task. At the end of each task's run the plugin swaps the FP8 layers back to plain nn.Linear, so the
+next task's Trainer (a new plugin) converts them again and the model that comes out is plain and portable.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 
 import lightning_plugins  # noqa: F401  (registers precision="fp8-msamp")
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA
@@ -35,7 +37,9 @@ def test_fp8_model_forgets_two_tasks(pretrained_vit, mnist, quiet, level):
     rows = callback.task_results()
     print("\n" + level + " " + str([{k: row[k] for k in ("acc_f_before", "acc_f", "acc_r_before", "acc_r")} for row in rows]))
     ffn = [m for n, m in model.named_modules() if n.endswith(("mlp.fc1", "mlp.fc2"))]
-    assert ffn and all(isinstance(m, FP8Linear) for m in ffn) and not find_lora(model)
+    assert ffn and all(type(m) is nn.Linear for m in ffn) and not find_lora(model)
+    assert not [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for row in rows:
         assert row["acc_f_before"] > 70 and row["acc_f"] <= 10.0
