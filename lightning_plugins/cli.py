@@ -17,11 +17,12 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 # imported so that their classes can be named by their short class names in YAML
@@ -29,12 +30,31 @@ import lightning_plugins.callbacks  # noqa: F401
 import lightning_plugins.modules  # noqa: F401
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, forget_sequence, format_table
 from lightning_plugins.callbacks.gslora.tasks import check_class_range
+from lightning_plugins.cli_errors import describe_parse_error
 from lightning_plugins.commands import DEBUG_ENV, DESCRIPTION, CommandError, maybe_run_command
 from lightning_plugins.precision import TrainingStateMeter
 
 
 class ConfigurationError(Exception):
     """A configuration value was rejected while building the model, data or trainer."""
+
+
+PROG = "lightning-plugins"
+
+
+class LightningPluginsParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors are one line on stderr (exit code 2) instead of the usage block.
+
+    The line names the config key, the rejected value and, for a class name, the closest known class
+    (:func:`describe_parse_error`). With ``LIGHTNING_PLUGINS_DEBUG=1`` the parser reports as jsonargparse does.
+    """
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        # exit_on_error=False: a nested parser whose caller handles the ArgumentError (jsonargparse's own use)
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV):
+            super().error(message, ex)
+        self._logger.error(message)
+        self.exit(2, f"{PROG}: error: {describe_parse_error(message, ex)}\n")
 
 
 class LightningPluginsTrainer(Trainer):
@@ -72,9 +92,14 @@ class LightningPluginsCLI(LightningCLI):
     ``GSLoRA`` callback configured in ``trainer.callbacks`` (one ``fit`` per task, see
     :meth:`LightningPluginsTrainer.forget` for its arguments), then the per-task table and report files.
 
-    Errors raised while the classes are built from the configuration (a bad value, a model/data mismatch) are
-    reported as one line, like the parser's own errors, instead of a traceback (set ``LIGHTNING_PLUGINS_DEBUG=1``
-    to see the traceback).
+    A run whose config leaves ``trainer.logger`` out logs CSV under ``trainer.default_root_dir``
+    (:func:`default_logger`), so its metrics, checkpoints and saved ``config.yaml`` follow
+    ``--trainer.default_root_dir``.
+
+    Errors are reported as one line instead of a traceback or the usage block (set ``LIGHTNING_PLUGINS_DEBUG=1``
+    for those): the parser's (a mistyped class name, a value of the wrong type; see :class:`LightningPluginsParser`)
+    exit with code 2 themselves, those raised while the classes are built (a bad value, a model/data mismatch)
+    are raised as :class:`ConfigurationError`, which :func:`main` prints.
     """
 
     def __init__(
@@ -89,6 +114,7 @@ class LightningPluginsCLI(LightningCLI):
         # re-running a recipe (the demo, a benchmark) must not fail because its config.yaml already exists
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_class", LightningPluginsTrainer)
+        kwargs.setdefault("parser_class", LightningPluginsParser)
         self.forget_results: Optional[list[dict[str, Any]]] = None
         super().__init__(model_class or LightningModule, datamodule_class or LightningDataModule, args=args, **kwargs)
 
@@ -124,6 +150,8 @@ class LightningPluginsCLI(LightningCLI):
         # keep the configured Trainer arguments (before Lightning adds SaveConfigCallback to the callbacks list):
         # `forget` builds one more Trainer per task from them
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = config["logger"] = default_logger(config.get("default_root_dir"))
         self._trainer_kwargs = {**config, "callbacks": _as_list(config.get("callbacks"))}
         return super().instantiate_trainer(**kwargs)
 
@@ -183,6 +211,13 @@ class LightningPluginsCLI(LightningCLI):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "table.txt").write_text(table + "\n", encoding="utf-8")
         print(f"report: {directory} (table.txt, history.csv, history.json, plots)")
+
+
+def default_logger(default_root_dir: Optional[str | Path]) -> CSVLogger:
+    """The logger of a run whose config leaves ``trainer.logger`` out (or ``true``): ``metrics.csv`` (and the
+    checkpoints and ``config.yaml`` that follow the logger) under ``<default_root_dir>/lightning_logs/version_N``,
+    whether TensorBoard is installed or not; set ``trainer.logger`` for another logger or ``false`` for none."""
+    return CSVLogger(save_dir=default_root_dir if default_root_dir is not None else os.getcwd())
 
 
 def fit_and_test(

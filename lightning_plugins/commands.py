@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_plugins.cli_errors import describe_parse_error
+
 from lightning_plugins.modules.align.arithmetic import ArithmeticTask
 from lightning_plugins.modules.align.pairs import run_build_pairs
 from lightning_plugins.modules.align.sampling import run_rejection_sampling
@@ -64,7 +66,7 @@ def run_command(name: str, args: Sequence[str]) -> dict[str, Any]:
     except Exception as err:  # jsonargparse's parse errors: one line, like LightningCLI's
         if os.environ.get(DEBUG_ENV):
             raise
-        raise CommandError(str(err).strip().splitlines()[0]) from err
+        raise CommandError(describe_parse_error(str(err), err)) from err
     kwargs = {k: v for k, v in vars(config).items() if k != "config" and not k.startswith("__")}
     try:
         summary = function(**kwargs)

@@ -72,7 +72,7 @@ def test_fit_help_documents_model_arguments(capsys):
 def test_console_script_fits_the_mnist_recipe(tmp_path):
     out = run_cli(
         "fit", "--config", str(CONFIGS / "vit_mnist5k.yaml"), *SHORT_RUN,
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", cwd=tmp_path,
+        f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
