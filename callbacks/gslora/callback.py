@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_plugins.callbacks.gslora import report
@@ -21,6 +22,7 @@ from lightning_plugins.callbacks.gslora.data import _mix
 from lightning_plugins.callbacks.gslora.lora import (
     GROUPINGS,
     LoRALinear,
+    TargetLayer,
     compile_targets,
     find_target_layers,
     group_layers,
@@ -64,6 +66,16 @@ class GSLoRA(Callback):
     per task with a new Trainer and this same callback. Metrics (Acc_f, Acc_r, Acc_o, Acc_m, Drop, H, group norms,
     zero-group ratio, trainable ratio, seconds per task) are logged after every validation and every task, kept in
     :attr:`history` (part of the checkpoint, so a resumed sequence continues it) and written as CSV/JSON/PNG.
+    At the setup of each task the adapted layers and their groups are logged (Lightning's rank-zero INFO log),
+    written to ``adapted_layers.csv`` in the report folder, and summarised for the Trainer's loggers with
+    ``log_hyperparams`` (``gslora/adapted_layers``, ``gslora/groups``, ``gslora/rank``, ``gslora/lora_params``,
+    ``gslora/trainable_params``, ``gslora/trainable_ratio``). With ``early_stop=True`` a task ends once its classes
+    are forgotten and the forgetting loss is saturated, ``max_epochs`` being the cap.
+
+    FP8: the target layers may be ``nn.Linear`` or :class:`lightning_plugins.fp8.FP8Linear` (a model converted by
+    ``convert_to_fp8`` or trained with ``precision="fp8-msamp"`` before), and the forgetting fit itself may run
+    under ``precision="fp8-msamp"``: the frozen layers run their FP8 GEMMs, the adapters train in fp32 and merge
+    into the layers' weights in those weights' own dtype (FP16 at O2).
 
     Module protocol: ``forward(x)`` returns class logits ``[B, num_classes]``; batches are ``(x, y)`` or, from
     :class:`~lightning_plugins.callbacks.ForgettingDataModule`, ``{"retain": (x, y), "forget": (x, y)}``. A plain
@@ -82,7 +94,8 @@ class GSLoRA(Callback):
 
     Args:
         tasks: the classes to forget, one list per task, e.g. ``[[0, 1], [2, 3], [4, 5]]``.
-        target: regex (or list) full-matched against module names to pick the LoRA layers; its named group
+        target: regex (or list) full-matched against module names to pick the LoRA layers (``nn.Linear`` or
+            ``FP8Linear``); its named group
             ``block`` names the group. Default: :data:`~lightning_plugins.callbacks.gslora.lora.DEFAULT_TARGETS`
             (this project's/timm ViT ``blocks.N.mlp.fc1/fc2``, torchvision ViT ``encoder_layer_N.mlp.0/3``,
             Hugging Face ViT/BERT ``layer.N.intermediate.dense``/``layer.N.output.dense``, Llama
@@ -123,11 +136,33 @@ class GSLoRA(Callback):
         freeze_batchnorm: keep BatchNorm layers in eval mode while forgetting, so their running statistics stay
             frozen like the rest of the model.
         eval_test: also measure the datamodule's test split before and after each task.
-        output_dir: where ``history.csv``/``history.json`` and the plots go (default
+        output_dir: where ``history.csv``/``history.json``, ``adapted_layers.csv`` and the plots go (default
             ``<default_root_dir>/gslora``); written by global rank 0.
         plots: write PNG plots after each task (needs matplotlib).
         unload_at_end: after the last task, remove the adapters so that the model has its original layout.
         seed: seed of the LoRA initialisation of each task (independent of the global RNG, for exact resumes).
+        early_stop: end a task before the Trainer's ``max_epochs`` once it is done: checked at the end of every
+            training epoch, the task stops (``trainer.should_stop = True``, so ``max_epochs`` stays the cap and
+            ``min_epochs`` is honoured) when both hold: (1) the forgotten classes' accuracy on the validation split
+            (Acc_f, the one logged as ``gslora/acc_f``) is at most ``stop_forget_acc``; (2) the bounded forgetting
+            loss ``ReLU(bound - CE)`` is saturated: its mean over the epoch's training steps (logged as
+            ``gslora/forget_term_epoch``) is at most ``stop_saturation * bound`` (the forgotten CE is at the bound,
+            the loss no longer pushes), or it has flattened out below the bound: it fell by less than
+            ``stop_plateau`` (relative) since the previous epoch. The epoch and the reason are logged and recorded
+            in the task's row (``epochs``, ``stopped_by``). With it, give the Trainer a generous ``max_epochs``
+            (e.g. 50): the rule ends each task once it is forgotten. ``False`` (the default) trains every task for
+            exactly ``max_epochs`` epochs, as before. Needs validation data (a datamodule or Trainer with a
+            ``val_dataloader``); without it the rule is skipped with a warning. When the Trainer does not validate
+            at the end of an epoch (``check_val_every_n_epoch > 1``, ``limit_val_batches=0``), the callback
+            measures Acc_f on the validation data itself.
+        stop_forget_acc: the Acc_f (in percent, like every accuracy here) at or below which a task counts as
+            forgotten for ``early_stop``; default 1.0, i.e. 1 %.
+        stop_saturation: the forgetting loss is at the bound for ``early_stop`` when its epoch mean is at most this
+            share of ``bound`` (default 0.05: the forgotten CE is within 5 % of the bound on average).
+        stop_plateau: the forgetting loss has flattened out for ``early_stop`` when its epoch mean fell by less
+            than this share of the previous epoch's (default 0.05). A large ``bound`` may never be reached (the
+            loss levels off above 0 while the forgotten CE is already far beyond what any retained class scores);
+            0 switches this alternative off, so only ``stop_saturation`` counts.
     """
 
     def __init__(
@@ -159,6 +194,10 @@ class GSLoRA(Callback):
         plots: bool = True,
         unload_at_end: bool = True,
         seed: int = 0,
+        early_stop: bool = False,
+        stop_forget_acc: float = 1.0,
+        stop_saturation: float = 0.05,
+        stop_plateau: float = 0.05,
     ) -> None:
         super().__init__()
         self.tasks = validate_tasks(tasks)
@@ -184,6 +223,26 @@ class GSLoRA(Callback):
             raise ValueError(f"lr must be > 0 (or None to use the module's optimizer), got {lr!r}")
         if num_classes is not None:
             check_class_range(self.tasks, num_classes, "num_classes argument")
+        if not isinstance(early_stop, bool):
+            raise TypeError(f"early_stop must be True or False, got {early_stop!r}")
+        if isinstance(stop_forget_acc, bool) or not isinstance(stop_forget_acc, (int, float)) \
+                or not 0.0 <= stop_forget_acc <= 100.0:
+            raise ValueError(
+                f"stop_forget_acc is an accuracy in percent, between 0 and 100 (e.g. 1.0 for 1 %); got "
+                f"{stop_forget_acc!r}"
+            )
+        if isinstance(stop_saturation, bool) or not isinstance(stop_saturation, (int, float)) \
+                or not 0.0 <= stop_saturation < 1.0:
+            raise ValueError(
+                f"stop_saturation is a share of the bound, in [0, 1) (e.g. 0.05: the forgetting loss may stop at "
+                f"5 % of the bound); got {stop_saturation!r}"
+            )
+        if isinstance(stop_plateau, bool) or not isinstance(stop_plateau, (int, float)) \
+                or not 0.0 <= stop_plateau < 1.0:
+            raise ValueError(
+                f"stop_plateau is a relative decrease per epoch, in [0, 1) (e.g. 0.05: flat when the forgetting loss "
+                f"fell by less than 5 %; 0 turns the plateau test off); got {stop_plateau!r}"
+            )
         self.grouping = grouping
         self.rank = rank
         self.lora_alpha = float(lora_alpha)
@@ -209,6 +268,10 @@ class GSLoRA(Callback):
         self.plots = plots
         self.unload_at_end = unload_at_end
         self.seed = seed
+        self.early_stop = early_stop
+        self.stop_forget_acc = float(stop_forget_acc)
+        self.stop_saturation = float(stop_saturation)
+        self.stop_plateau = float(stop_plateau)
 
         # checkpointed state
         self.task_index = 0
@@ -218,6 +281,8 @@ class GSLoRA(Callback):
         self._prototype_classes: Optional[torch.Tensor] = None
         self._prototype_values: Optional[torch.Tensor] = None
         self._elapsed = 0.0
+        self._stop: Optional[dict[str, Any]] = None  # set when early_stop ended the current task
+        self._previous_term: Optional[float] = None  # the forgetting term's mean over the previous epoch
         # per process
         self._trainer: Optional[pl.Trainer] = None
         self._module: Optional[pl.LightningModule] = None
@@ -236,6 +301,10 @@ class GSLoRA(Callback):
         self._task_closed = False
         self._setup_task: Optional[int] = None
         self._warned: set[str] = set()
+        self._layers: list[TargetLayer] = []
+        self._last_val: Optional[tuple[int, Optional[float]]] = None  # (global step, Acc_f) of the last validation
+        self._forget_sum: Optional[torch.Tensor] = None  # sum of the forgetting term over this epoch's steps
+        self._forget_steps = 0
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -276,6 +345,7 @@ class GSLoRA(Callback):
             self._attach_lora(pl_module)
         if stage == "fit":
             self._freeze(pl_module)
+            self._announce_adapters(trainer, pl_module)
             self._sync_datamodule(trainer)
             self._setup_task = self.task_index
             self._wrap(pl_module, "training_step", self._make_training_step(pl_module))
@@ -320,6 +390,11 @@ class GSLoRA(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._alpha_now = 0.0 if trainer.current_epoch < self.alpha_warmup_epochs else self.alpha
+        self._forget_sum, self._forget_steps = None, 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.early_stop and not self._task_closed and not self.finished:
+            self._check_early_stop(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -377,6 +452,8 @@ class GSLoRA(Callback):
             "before": {t: dict(v) for t, v in self._before.items()},
             "prototypes": prototypes,
             "elapsed": elapsed,
+            "stop": dict(self._stop) if self._stop is not None else None,
+            "previous_forget_term": self._previous_term,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -402,6 +479,9 @@ class GSLoRA(Callback):
             self._prototype_classes = prototypes["classes"]
             self._prototype_values = prototypes["values"]
         self._elapsed = float(state_dict.get("elapsed", 0.0))
+        stop = state_dict.get("stop")
+        self._stop = dict(stop) if stop is not None else None
+        self._previous_term = state_dict.get("previous_forget_term")
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit":
             if self._setup_task is not None and self._setup_task != self.task_index and \
@@ -422,6 +502,7 @@ class GSLoRA(Callback):
                 # no pending update, so re-drawing A changes nothing now and makes it independent of the global RNG
                 adapter.reset_lora(self._generator(self.task_index, i))
         self._adapters = adapters
+        self._layers = layers
         self._groups = group_lora_parameters(adapters, layers, self.grouping)
         self._group_layers = group_layers(adapters, layers, self.grouping)
 
@@ -444,7 +525,7 @@ class GSLoRA(Callback):
         for param, flag in self._requires_grad or []:
             param.requires_grad_(flag)
         self._requires_grad = None
-        self._adapters, self._groups, self._group_layers = {}, {}, {}
+        self._adapters, self._groups, self._group_layers, self._layers = {}, {}, {}, []
 
     # -------------------------------------------------------------------------------------------- method wrapping
     def _wrap(self, pl_module: pl.LightningModule, name: str, fn: Any) -> None:
@@ -534,6 +615,10 @@ class GSLoRA(Callback):
             beta=self.betas[self.task_index], bound=self.bound, alpha=0.0 if self.proximal else self._alpha_now,
             prototype_term=prototype_term, bound_per_sample=self.bound_per_sample,
         )
+        if self.early_stop and len(y_f):
+            term = loss.forget.detach()
+            self._forget_sum = term if self._forget_sum is None else self._forget_sum + term
+            self._forget_steps += 1
         size = len(y_r) + len(y_f)
         values = {"loss": loss.total, "retain_ce": loss.retain, "forget_term": loss.forget,
                   "group_lasso": loss.structure, "alpha": self._alpha_now}
@@ -682,6 +767,8 @@ class GSLoRA(Callback):
         row = self._row(kind, stage, task_view, trainer, split_accuracies(labels, correct, task_view),
                         with_groups=fitting)
         self.history.append(row)
+        if fitting:
+            self._last_val = (trainer.global_step, row.get("acc_f"))
         prefix = "gslora" if fitting else f"gslora_{kind}"
         pl_module.log_dict({f"{prefix}/{k}": float(v) for k, v in _loggable(row).items()}, sync_dist=False)
         self._write_report(trainer, plots=False)
@@ -728,6 +815,8 @@ class GSLoRA(Callback):
         after = self._evaluate(trainer, pl_module, "val", task_view) or {}
         row = self._row("task", "val", task_view, trainer, after, with_groups=False)
         row.update(stats)
+        row["epochs"] = trainer.current_epoch
+        row["stopped_by"] = self._stopped_by(trainer)
         row["seconds"] = seconds
         if self.eval_test:
             test_after = self._evaluate(trainer, pl_module, "test", task_view) or {}
@@ -740,6 +829,7 @@ class GSLoRA(Callback):
         self.task_index += 1
         self._task_closed = True
         self._elapsed, self._started = 0.0, None
+        self._stop, self._last_val, self._previous_term = None, None, None
         self._prototype_task = self._prototype_classes = self._prototype_values = None
         if self.finished and self.unload_at_end:
             self._unload(pl_module)
@@ -747,6 +837,106 @@ class GSLoRA(Callback):
             self._sync_datamodule(trainer)
         log.info("GSLoRA task %d done in %.1fs: %s", index, seconds, report.format_row(row))
         self._write_report(trainer, plots=self.plots)
+
+    # ---------------------------------------------------------------------------------------------- early stopping
+    def _check_early_stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ``early_stop`` rule, at the end of a training epoch (see the class docstring)."""
+        totals = torch.tensor([float(self._forget_sum) if self._forget_sum is not None else 0.0,
+                               float(self._forget_steps)], device=trainer.strategy.root_device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        steps = float(totals[1])
+        term = float(totals[0]) / steps if steps else None
+        previous, self._previous_term = self._previous_term, term
+        if term is None:
+            self._warn_once("early-stop-no-forget", "GSLoRA(early_stop=True): an epoch had no samples to forget in "
+                            "its training batches, so the forgetting loss cannot be judged and the task goes on")
+            return
+        pl_module.log("gslora/forget_term_epoch", term, on_step=False, on_epoch=True, sync_dist=False)
+        acc_f = self._epoch_acc_f(trainer, pl_module)
+        if acc_f is None:
+            self._warn_once("early-stop-no-val", "GSLoRA(early_stop=True): no validation accuracy of the forgotten "
+                            "classes (no val_dataloader, or no forgotten class in it), so the stopping rule cannot "
+                            "be checked and every task runs to max_epochs; give the Trainer or datamodule "
+                            "validation data with the forgotten classes")
+            return
+        at_bound = term <= self.stop_saturation * self.bound
+        flat = (self.stop_plateau > 0 and previous is not None and previous > 0
+                and previous - term < self.stop_plateau * previous)
+        forgotten = acc_f <= self.stop_forget_acc
+        if not trainer.strategy.reduce_boolean_decision(forgotten and (at_bound or flat), all=True):
+            return
+        epoch = trainer.current_epoch
+        if at_bound:
+            why = f"at the bound ({term:.4g} <= stop_saturation {self.stop_saturation:g} x bound {self.bound:g})"
+        else:
+            why = (f"flat ({previous:.4g} -> {term:.4g}, less than stop_plateau {self.stop_plateau:g} lower; "
+                   f"bound {self.bound:g})")
+        self._stop = {"epoch": epoch, "acc_f": acc_f, "forget_term": term,
+                      "saturation": "bound" if at_bound else "plateau"}
+        trainer.should_stop = True
+        rank_zero_info(
+            f"GSLoRA task {self.task_index}: stopping after epoch {epoch + 1} of at most {trainer.max_epochs}: "
+            f"Acc_f {acc_f:.2f} % <= stop_forget_acc {self.stop_forget_acc:g} % and the forgetting loss (epoch mean "
+            f"of ReLU(bound - CE)) is {why}"
+        )
+
+    def _epoch_acc_f(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[float]:
+        """Acc_f of this epoch: from the validation that ran after its last step, else measured now."""
+        if self._last_val is not None and self._last_val[0] == trainer.global_step:
+            return self._last_val[1]
+        task_view = self.task_view(self.task_index)
+        accuracies = self._evaluate(trainer, pl_module, "val", task_view)
+        acc_f = (accuracies or {}).get("acc_f")
+        self._last_val = (trainer.global_step, acc_f)
+        return acc_f
+
+    def _stopped_by(self, trainer: pl.Trainer) -> str:
+        """Why the task's training ended: ``early_stop``, ``max_epochs``, ``max_steps`` or ``other``."""
+        if self._stop is not None:
+            return "early_stop"
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs:
+            return "max_epochs"
+        if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+            return "max_steps"
+        return "other"
+
+    # ---------------------------------------------------------------------------------------------- adapted layers
+    def _announce_adapters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log which layers this task adapts (rank zero), write them to ``adapted_layers.csv`` and give the
+        Lightning loggers a summary (``log_hyperparams``: the counts and the trainable ratio)."""
+        if not self._adapters:
+            return
+        groups = {id(p): name for name, params in self._groups.items() for p in params}
+        rows = []
+        for layer in self._layers:
+            adapter = self._adapters[layer.name]
+            base = adapter.base_layer
+            rows.append({
+                "task": self.task_index, "layer": layer.name, "group": groups.get(id(adapter.lora_A), layer.block),
+                "type": type(base).__name__, "in_features": adapter.in_features,
+                "out_features": adapter.out_features, "weight_dtype": str(base.weight.dtype).replace("torch.", ""),
+                "rank": adapter.rank, "lora_params": adapter.lora_A.numel() + adapter.lora_B.numel(),
+            })
+        trainable, total = parameter_counts(pl_module)
+        lora_params = sum(row["lora_params"] for row in rows)
+        ratio = trainable / total if total else 0.0
+        by_group: dict[str, list[str]] = {}
+        for row in rows:
+            by_group.setdefault(row["group"], []).append(row["layer"])
+        kinds = sorted({row["type"] for row in rows})
+        rank_zero_info(
+            f"GSLoRA task {self.task_index}: LoRA rank {self.rank} on {len(rows)} {'/'.join(kinds)} layers in "
+            f"{len(by_group)} groups (grouping={self.grouping!r}); trainable {trainable:,} of {total:,} parameters "
+            f"({100 * ratio:.2f} %): " + "; ".join(f"{g}: {', '.join(names)}" for g, names in by_group.items())
+        )
+        if trainer.is_global_zero:
+            report.write_adapted_layers(rows, self._output_dir(trainer))
+        summary = {"gslora/adapted_layers": len(rows), "gslora/groups": len(by_group), "gslora/rank": self.rank,
+                   "gslora/lora_params": lora_params, "gslora/trainable_params": trainable,
+                   "gslora/trainable_ratio": ratio}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(summary)
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _per_task(self, name: str, value: Union[float, Sequence[float]]) -> "_PerTask":
@@ -807,13 +997,16 @@ class GSLoRA(Callback):
     def _write_report(self, trainer: pl.Trainer, plots: bool) -> None:
         if not trainer.is_global_zero or not self.history:
             return
-        directory = self.output_dir or os.path.join(trainer.default_root_dir, "gslora")
+        directory = self._output_dir(trainer)
         report.write_history(self.history, directory)
         if plots:
             try:
                 report.plot_history(self.history, directory)
             except ImportError as err:
                 self._warn_once("plots", f"GSLoRA: plots not written ({err}); pip install matplotlib")
+
+    def _output_dir(self, trainer: pl.Trainer) -> str:
+        return self.output_dir or os.path.join(trainer.default_root_dir, "gslora")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

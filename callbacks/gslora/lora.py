@@ -20,6 +20,13 @@ The numerics are peft's (and loralib's) LoRA with ``lora_alpha=1, r=8, lora_drop
 = 1/8, ``A`` kaiming-uniform with ``a = sqrt(5)``, ``B`` zero. The test suite checks forward, merge and init
 against peft's ``LoraConfig`` layer. The wrapper keeps the base layer as a child module and calls it, so a base
 layer swapped later by a precision plugin (e.g. FP8) still works.
+
+FP8 layers
+----------
+Besides ``nn.Linear``, the targets may be :class:`lightning_plugins.fp8.FP8Linear` layers (a model converted by
+``convert_to_fp8`` or trained with ``precision="fp8-msamp"`` before forgetting). The base layer is frozen, so its
+FP8 weight-gradient side channel is never used; its weight may be FP16 (the O2 master weights): the adapters stay
+fp32 and :meth:`LoRALinear.merge_` adds the update in fp32 and rounds the sum once to the weight's own dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lightning_plugins.fp8 import FP8Linear
+
+#: The layer types GS-LoRA can adapt: both have ``weight [out, in]``, ``in_features``, ``out_features``, ``bias``.
+ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear, FP8Linear)
 
 #: Default target patterns, full-matched against module names (as in peft). The named group ``block`` is the
 #: Transformer block a layer belongs to; all LoRA tensors of a block form one GS-LoRA group.
@@ -57,7 +69,8 @@ class LoRALinear(nn.Module):
     """A Linear layer plus a low-rank update: ``y = base_layer(x) + scaling * x A^T B^T``.
 
     Args:
-        base_layer: the wrapped layer; must expose ``weight [out, in]`` (``nn.Linear`` or a subclass).
+        base_layer: the wrapped layer; must expose ``weight [out, in]`` (``nn.Linear``, a subclass, or
+            :class:`lightning_plugins.fp8.FP8Linear`).
         rank: LoRA rank ``r``.
         alpha: LoRA alpha; ``scaling = alpha / rank`` (1/8 with the defaults, as in the paper).
 
@@ -125,9 +138,19 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self, generator: Optional[torch.Generator] = None) -> None:
-        """Fold the update into the base weight (``W += scaling * B @ A``) and start a fresh adapter."""
+        """Fold the update into the base weight (``W += scaling * B @ A``) and start a fresh adapter.
+
+        The sum is formed in at least fp32 and rounded once to the weight's dtype (an FP16 master weight of an
+        FP8 layer gets ``fp16(W + dW)``, not ``W + fp16(dW)``); the weight tensor is updated in place, so the
+        parameter object (and whatever holds it: an optimizer, an FP8 layer) stays the same.
+        """
         weight = self.base_layer.weight
-        weight.add_(self.delta_weight().to(device=weight.device, dtype=weight.dtype))
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        delta = self.delta_weight().to(device=weight.device, dtype=compute)
+        if weight.dtype == compute:
+            weight.add_(delta)
+        else:
+            weight.copy_((weight.to(compute) + delta).to(weight.dtype))
         self.reset_lora(generator)
 
     def extra_repr(self) -> str:
@@ -161,8 +184,9 @@ def compile_targets(target: Union[str, Sequence[str], None]) -> tuple[re.Pattern
 def find_target_layers(module: nn.Module, target: Union[str, Sequence[str], None] = None) -> list[TargetLayer]:
     """The Linear layers whose names fully match a target pattern, in module order, with their block.
 
-    The block is the pattern's named group ``block`` if it has one, else its first group, else the layer's own
-    name (then every layer is its own group). Already wrapped layers (:class:`LoRALinear`) are found too.
+    Linear layers are ``nn.Linear`` and :class:`lightning_plugins.fp8.FP8Linear` (:data:`ADAPTABLE_TYPES`). The
+    block is the pattern's named group ``block`` if it has one, else its first group, else the layer's own name
+    (then every layer is its own group). Already wrapped layers (:class:`LoRALinear`) are found too.
 
     Raises:
         ValueError: no layer matches (the message lists Linear layer names found), or a match is not a Linear.
@@ -176,17 +200,17 @@ def find_target_layers(module: nn.Module, target: Union[str, Sequence[str], None
             match = pattern.fullmatch(name)
             if match is None:
                 continue
-            if not isinstance(sub, (nn.Linear, LoRALinear)):
+            if not isinstance(sub, (*ADAPTABLE_TYPES, LoRALinear)):
                 raise ValueError(
                     f"target pattern {pattern.pattern!r} matches {name!r}, a {type(sub).__name__}; GS-LoRA adapts "
-                    "nn.Linear layers only. Narrow the pattern so that it matches the FFN Linear layers"
+                    f"nn.Linear layers only (and FP8Linear, their FP8 form). {_narrowing_advice(pattern, name, sub)}"
                 )
             found.append(TargetLayer(name, _block_of(match, name)))
             break
     if not found:
-        linear = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        linear = [n for n, m in module.named_modules() if isinstance(m, ADAPTABLE_TYPES)]
         named = linear or [n for n, _ in module.named_modules() if n]
-        kind = "Linear layers" if linear else "modules (no nn.Linear at all)"
+        kind = "Linear layers" if linear else "modules (no nn.Linear or FP8Linear at all)"
         examples = ", ".join(repr(n) for n in named[:8]) + (", ..." if len(named) > 8 else "")
         raise ValueError(
             f"no Linear layer of {type(module).__name__} fully matches the target pattern(s) "
@@ -195,6 +219,19 @@ def find_target_layers(module: nn.Module, target: Union[str, Sequence[str], None
             r"the block, e.g. r'(?P<block>.*blocks\.\d+)\.mlp\.fc[12]'"
         )
     return found
+
+
+def _narrowing_advice(pattern: re.Pattern, name: str, sub: nn.Module) -> str:
+    """What to do when a target pattern matches a module GS-LoRA cannot wrap: name the Linear layers inside it."""
+    inner = [n for n, m in sub.named_modules() if n and isinstance(m, ADAPTABLE_TYPES)]
+    if inner:
+        examples = ", ".join(repr(f"{name}.{n}") for n in inner[:4]) + (", ..." if len(inner) > 4 else "")
+        suffix = "|".join(re.escape(n) for n in dict.fromkeys(inner))
+        head = f"(?:{pattern.pattern})" if "|" in pattern.pattern else pattern.pattern
+        return (f"Narrow the pattern to the Linear layers inside it ({len(inner)}: {examples}), e.g. "
+                f"target=r'{head}\\.(?:{suffix})'")
+    return ("It holds no Linear layer; narrow the pattern (target=<regex>) so that it matches only the FFN "
+            "Linear layers of each Transformer block")
 
 
 def _block_of(match: re.Match, name: str) -> str:

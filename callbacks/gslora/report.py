@@ -8,7 +8,23 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 TABLE_COLUMNS = ("task", "forgotten", "acc_f_before", "acc_f", "acc_r_before", "acc_r", "acc_o", "acc_m", "h",
-                 "zero_group_ratio", "trainable_ratio", "seconds")
+                 "zero_group_ratio", "trainable_ratio", "epochs", "stopped_by", "seconds")
+
+ADAPTED_LAYERS_FILE = "adapted_layers.csv"
+
+
+def write_adapted_layers(rows: Sequence[dict[str, Any]], directory: str) -> str:
+    """Write ``adapted_layers.csv`` (one row per LoRA-adapted layer: task, layer, group, type, sizes, rank, LoRA
+    parameters); return its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ADAPTED_LAYERS_FILE)
+    columns = list(rows[0]) if rows else ["task", "layer", "group"]
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+    return path
 
 
 def write_history(history: Sequence[dict[str, Any]], directory: str) -> tuple[str, str]:

@@ -10,6 +10,9 @@ from lightning_plugins.callbacks.gslora.callback import GSLoRA
 
 TrainerSpec = Union[Callable[[int], pl.Trainer], dict[str, Any], None]
 
+#: ``max_epochs`` of the default Trainer of :func:`forget_sequence` when the callback has ``early_stop=True``.
+DEFAULT_EARLY_STOP_MAX_EPOCHS = 50
+
 
 def forget_sequence(
     model: pl.LightningModule,
@@ -25,7 +28,8 @@ def forget_sequence(
     * a callable ``task_index -> Trainer`` whose callbacks include ``callback`` (use it for per-task loggers or
       checkpoint folders), or
     * a dict of ``Trainer`` keyword arguments (``callback`` is added to its ``callbacks``), or
-    * ``None``: ``Trainer(max_epochs=10, callbacks=[callback])``.
+    * ``None``: ``Trainer(max_epochs=10, callbacks=[callback])``, or ``max_epochs=50`` when the callback has
+      ``early_stop=True`` (a generous cap: the stopping rule ends each task once it is forgotten).
 
     ``ckpt_path`` resumes from a checkpoint taken during any task: the first fit restores the callback's task index,
     prototypes and history with the weights, finishes that task, and the loop goes on with the next ones.
@@ -51,7 +55,7 @@ def forget_sequence(
 
 def _make_trainer(spec: TrainerSpec, callback: GSLoRA) -> pl.Trainer:
     if spec is None:
-        spec = {"max_epochs": 10}
+        spec = {"max_epochs": DEFAULT_EARLY_STOP_MAX_EPOCHS if callback.early_stop else 10}
     if isinstance(spec, dict):
         kwargs = dict(spec)
         others = list(kwargs.pop("callbacks", None) or [])
