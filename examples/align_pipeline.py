@@ -31,53 +31,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from lightning_plugins.cli import LightningPluginsCLI
 from lightning_plugins.commands import run_command
+from lightning_plugins.reproducible import ISA_ENV, pin_numerics
 from lightning_plugins.modules.align import ArithmeticVerifier, load_causal_lm, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_OUTPUT = "outputs/align"
 
 
-ISA_ENV = {  # environment that pins each library's CPU code path; read at the library's first computation
-    "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "native": {},
-}
 QUICK_EPOCHS = {"align_sft.yaml": 3, "align_rm.yaml": 2, "align_dpo.yaml": 1}  # --quick: plumbing and determinism
-
-
-def pin_numerics(threads: int = 1, isa: str = "avx2") -> dict[str, Any]:
-    """Fix what changes float results between runs and machines; call before any torch computation.
-
-    Sets ``threads`` intra-op torch threads (and one inter-op thread), ``torch.use_deterministic_algorithms(True)``
-    and, for ``isa="avx2"``, the AVX2 code paths of MKL, ATen and oneDNN (``"native"`` leaves each library's choice
-    for this CPU). Returns the settings in effect, for the report.
-    """
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}.")
-    if isa not in ISA_ENV:
-        raise ValueError(f"--isa must be one of {sorted(ISA_ENV)}, got {isa!r}.")
-    os.environ.update(ISA_ENV[isa])
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already ran in this process
-        pass
-    torch.use_deterministic_algorithms(True)
-    capability = torch.backends.cpu.get_cpu_capability()
-    if isa == "avx2" and capability.startswith("AVX512"):
-        raise RuntimeError(f"ATen already runs its {capability} kernels: pin_numerics must run before any torch "
-                           "computation in this process (or set ATEN_CPU_CAPABILITY=avx2 in the environment).")
-    return {"threads": torch.get_num_threads(), "isa": isa, "aten_cpu_capability": capability,
-            **{name: os.environ.get(name, "") for name in ISA_ENV["avx2"]},
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(), "torch": torch.__version__}
 
 
 def stage_config(name: str, output: Path) -> Path:

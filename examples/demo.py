@@ -7,7 +7,9 @@
 3. ``examples/configs/gslora_mnist5k.yaml`` (the recipe ``lightning-plugins forget`` runs): from the fp32 weights,
    GS-LoRA erases digits {0,1}, then {2,3}, then {4,5}, and the per-task table is printed.
 
-Extra command-line arguments override both training recipes, e.g. ``python examples/demo.py --trainer.max_epochs=5``.
+Extra command-line arguments override both training recipes, e.g. ``python examples/demo.py --trainer.max_epochs=5``;
+``--threads N`` (default 2) sets the torch threads. The figures depend on it (and on the CPU code path, pinned to
+AVX2 here, see :mod:`lightning_plugins.reproducible`), so they are printed with it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ from pathlib import Path
 import torch
 
 from lightning_plugins.cli import fit_and_test, forget_from_config
+from lightning_plugins.reproducible import pin_numerics
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 WEIGHTS = Path("outputs") / "demo" / "vit_mnist5k.pt"
 
 
+DEFAULT_THREADS = 2  # the README's figures: 2 threads, the AVX2 code path
+
+
 def main(argv: list[str]) -> None:
-    print(f"lightning-plugins demo (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
+    threads, argv = _threads_option(argv)
+    numerics = pin_numerics(threads, "avx2")
+    print(f"lightning-plugins demo (torch {torch.__version__}, {numerics['threads']} CPU threads, "
+          f"CPU code path {numerics['isa']}, deterministic algorithms)")
     print("\n== 1/3: train the ViT on MNIST-5k in fp32 (examples/configs/vit_mnist5k.yaml) ==")
     fp32 = fit_and_test(CONFIGS / "vit_mnist5k.yaml", argv, save_weights=WEIGHTS)
     print("\n== 2/3: the same recipe in FP8, precision=fp8-msamp (examples/configs/vit_mnist5k_fp8.yaml) ==")
@@ -33,6 +42,23 @@ def main(argv: list[str]) -> None:
     print("\n== 3/3: forget digits {0,1}, then {2,3}, then {4,5} with GS-LoRA (examples/configs/gslora_mnist5k.yaml) ==")
     print("accuracies in %: f = classes forgotten in this task, r = retained classes, o = classes forgotten earlier")
     forget_from_config(CONFIGS / "gslora_mnist5k.yaml", [f"--pretrained={WEIGHTS}"])
+
+
+def _threads_option(argv: list[str]) -> tuple[int, list[str]]:
+    """``--threads N`` / ``--threads=N`` out of ``argv`` (the rest are config overrides)."""
+    threads, rest, args = DEFAULT_THREADS, [], iter(argv)
+    for arg in args:
+        if arg == "--threads":
+            value = next(args, "")
+        elif arg.startswith("--threads="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"demo: --threads needs a positive integer, got {value!r}")
+        threads = int(value)
+    return threads, rest
 
 
 def print_training_table(runs: dict[str, dict]) -> None:

@@ -89,7 +89,7 @@ def test_pin_numerics_sets_threads_code_path_and_rejects_bad_values():
     """``pin_numerics`` in a fresh process: the thread count, deterministic algorithms, the AVX2 environment of MKL,
     ATen and oneDNN; ``threads < 1`` and an unknown code path are errors naming the value."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import align_pipeline as a\n"
+        "import json; import lightning_plugins.reproducible as a\n"
         "print(json.dumps(a.pin_numerics(1, 'avx2')))\n"
         "for bad in ((0, 'avx2'), (1, 'avx9')):\n"
         "    try:\n"
@@ -97,7 +97,7 @@ def test_pin_numerics_sets_threads_code_path_and_rejects_bad_values():
         "    except ValueError as err:\n"
         "        print('error:', err)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -106,4 +106,4 @@ def test_pin_numerics_sets_threads_code_path_and_rejects_bad_values():
     assert (numerics["MKL_CBWR"], numerics["ATEN_CPU_CAPABILITY"], numerics["ONEDNN_MAX_CPU_ISA"]) == ("AVX2", "avx2",
                                                                                                         "AVX2")
     assert not numerics["aten_cpu_capability"].startswith("AVX512")  # AVX2 on x86-64 (an ARM CPU has its own)
-    assert "--threads must be >= 1, got 0" in lines[1] and "'avx9'" in lines[2]
+    assert "threads must be >= 1, got 0" in lines[1] and "'avx9'" in lines[2]
