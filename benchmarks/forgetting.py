@@ -127,6 +127,8 @@ def run_gslora(args, data, state, prototypes: bool, shots: Optional[int], name: 
                       lr=args.lr, alpha=args.alpha,
                       prototypes=prototypes, proto_forget_weight=args.proto_weight, proto_bound=args.proto_bound,
                       proto_retain_weight=args.proto_retain_weight,
+                      # fixed --task_epochs per task, as in the published table (early_stop is GSLoRA's default now)
+                      early_stop=False,
                       eval_test=True, output_dir=str(args.out / name))
     rows = []
     for index in range(len(args.tasks)):

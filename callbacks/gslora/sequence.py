@@ -28,8 +28,9 @@ def forget_sequence(
     * a callable ``task_index -> Trainer`` whose callbacks include ``callback`` (use it for per-task loggers or
       checkpoint folders), or
     * a dict of ``Trainer`` keyword arguments (``callback`` is added to its ``callbacks``), or
-    * ``None``: ``Trainer(max_epochs=10, callbacks=[callback])``, or ``max_epochs=50`` when the callback has
-      ``early_stop=True`` (a generous cap: the stopping rule ends each task once it is forgotten).
+    * ``None``: ``Trainer(max_epochs=50, callbacks=[callback])`` with the callback's stopping rule
+      (``early_stop=True``, the default: a generous cap, the rule ends each task once it is forgotten), or
+      ``max_epochs=10`` with ``early_stop=False`` (fixed epochs).
 
     ``ckpt_path`` resumes from a checkpoint taken during any task: the first fit restores the callback's task index,
     prototypes and history with the weights, finishes that task, and the loop goes on with the next ones.

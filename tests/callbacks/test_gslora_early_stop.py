@@ -1,15 +1,17 @@
-"""``GSLoRA(early_stop=True)``: a task ends once its classes are forgotten (Acc_f at most ``stop_forget_acc``) and the
-bounded forgetting loss is saturated (at the bound, or flat); ``max_epochs`` stays the cap, ``early_stop=False``
-keeps the fixed epochs."""
+"""``GSLoRA``'s stopping rule (``early_stop=True``, the default): a task ends once its classes are forgotten (Acc_f at
+most ``stop_forget_acc``) and the bounded forgetting loss is saturated (at the bound, or flat), after
+``stop_cooldown`` epochs (default 3) that anneal the learning rate to ``min_lr``; ``max_epochs`` stays the cap.
+``early_stop=False`` keeps the fixed epochs and the cosine schedule over them, bit for bit."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, format_table, forget_sequence
@@ -27,6 +29,25 @@ class ForgetTerms(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         value = trainer.callback_metrics.get("gslora/forget_term_epoch")
         self.terms.append(None if value is None else float(value))
+
+
+class LearningRates(Callback):
+    """Records the learning rate of every optimizer step (the one in the optimizer when the step runs), per epoch."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs[-1].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def rule_held(terms, curve, i, bound=15.0):
+    """Whether the stopping rule (default thresholds) held at the end of epoch ``i``."""
+    flat = i > 0 and terms[i - 1] - terms[i] < 0.05 * terms[i - 1]
+    return curve[i]["acc_f"] <= 1.0 and (terms[i] <= 0.05 * bound or flat)
 
 
 @pytest.fixture
@@ -47,32 +68,51 @@ def rank_zero_records():
     logger.setLevel(level)
 
 
-def test_a_task_stops_once_forgotten_and_saturated(pretrained_vit, mnist, quiet, rank_zero_records, tmp_path):
+@pytest.mark.parametrize("cooldown", [3, 0])
+def test_a_task_stops_once_forgotten_and_saturated_after_a_cool_down(pretrained_vit, mnist, quiet, rank_zero_records,
+                                                                     tmp_path, cooldown):
     model = pretrained_vit()
     data = ForgettingDataModule(mnist, replay_ratio=0.1, batch_size=32, eval_batch_size=500)
-    callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False, early_stop=True, output_dir=str(tmp_path))
-    terms = ForgetTerms()
-    trainer = pl.Trainer(max_epochs=30, callbacks=[callback, terms], **quiet())
+    options = {} if cooldown == 3 else {"stop_cooldown": 0}  # the default is a cool-down of 3 epochs
+    callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False, output_dir=str(tmp_path), **options)
+    assert callback.early_stop and callback.stop_cooldown == cooldown
+    terms, rates = ForgetTerms(), LearningRates()
+    trainer = pl.Trainer(max_epochs=30, callbacks=[callback, terms, rates], **quiet())
     trainer.fit(model, data)
 
     (row,) = callback.task_results()
     epochs = row["epochs"]
-    print("\nearly stop:", {k: row[k] for k in ("epochs", "stopped_by", "acc_f_before", "acc_f", "acc_r_before",
-                                                "acc_r")}, [round(t, 3) for t in terms.terms])
+    print(f"\nearly stop, cool-down {cooldown}:", {k: row[k] for k in ("epochs", "stopped_by", "acc_f_before", "acc_f",
+                                                                     "acc_r_before", "acc_r")},
+          [round(t, 3) for t in terms.terms])
     assert row["stopped_by"] == "early_stop" and 1 < epochs < 30 and trainer.current_epoch == epochs
     assert row["acc_f_before"] > 70 and row["acc_f"] <= 1.0 and row["acc_r"] >= row["acc_r_before"] - 10.0
     curve = [r for r in callback.history if r["kind"] == "val"]
     assert len(curve) == epochs == len(terms.terms) and curve[-1]["acc_f"] <= 1.0
-    # the rule held at the last epoch and at no earlier one
-    last, previous = terms.terms[-1], terms.terms[-2]
-    assert last <= 0.05 * 15.0 or previous - last < 0.05 * previous
-    for i, r in enumerate(curve[:-1]):
-        held = r["acc_f"] <= 1.0 and (terms.terms[i] <= 0.05 * 15.0 or
-                                      (i > 0 and terms.terms[i - 1] - terms.terms[i] < 0.05 * terms.terms[i - 1]))
-        assert not held, f"the rule held at epoch {i} already"
-    # the reason and the epoch are logged, in the table and in the CSV history
-    (message,) = [m for m in rank_zero_records if "stopping after epoch" in m]
-    assert f"stopping after epoch {epochs} of at most 30" in message and "Acc_f 0.00 %" in message
+    # the rule held at the end of epoch `held` (1-based) and at no earlier one; then `cooldown` more epochs ran
+    held = epochs - cooldown
+    assert rule_held(terms.terms, curve, held - 1)
+    for i in range(held - 1):
+        assert not rule_held(terms.terms, curve, i), f"the rule held at epoch {i + 1} already"
+    # the learning rate: the cosine over the cap (30 epochs) until the rule held, then annealed to min_lr
+    steps = len(rates.epochs[0])
+    total = 30 * steps
+    planned = [1e-5 + (1e-2 - 1e-5) * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(held * steps)]
+    assert [lr for epoch in rates.epochs[:held] for lr in epoch] == pytest.approx(planned, rel=1e-6)
+    messages = [m for m in rank_zero_records if "of at most 30" in m]
+    if cooldown:
+        # the first cool-down step still has the learning rate set before the rule held; then down to min_lr
+        annealed = [lr for epoch in rates.epochs[held:] for lr in epoch]
+        next_planned = 1e-5 + (1e-2 - 1e-5) * 0.5 * (1 + math.cos(math.pi * held * steps / total))
+        assert len(annealed) == cooldown * steps and annealed[0] == pytest.approx(next_planned, rel=1e-6)
+        assert all(b < a for a, b in zip(annealed, annealed[1:])) and annealed[-1] == pytest.approx(1e-5)
+        holds, stops = messages
+        assert f"the stopping rule holds after epoch {held} of at most 30" in holds and "Acc_f 0.00 %" in holds
+        assert "3 cool-down epoch(s) anneal the learning rate to min_lr 1e-05" in holds
+        assert f"stopping after epoch {epochs} of at most 30, at the end of the cool-down" in stops
+    else:
+        (stops,) = messages
+        assert f"stopping after epoch {epochs} of at most 30" in stops and "Acc_f 0.00 %" in stops
     table = format_table([row])
     assert "epochs" in table.splitlines()[0] and "early_stop" in table.splitlines()[1]
     assert "stopped_by" in (tmp_path / "history.csv").read_text().splitlines()[0]
@@ -83,22 +123,26 @@ def test_without_early_stop_every_task_runs_max_epochs_bit_identically(pretraine
         model = pretrained_vit()
         data = ForgettingDataModule(mnist, replay_ratio=0.1, batch_size=32, eval_batch_size=500)
         callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False, **rule)
-        pl.Trainer(max_epochs=3, limit_train_batches=6, callbacks=[callback], **quiet()).fit(model, data)
-        return model, callback.task_results()[0]
+        rates = LearningRates()
+        pl.Trainer(max_epochs=3, limit_train_batches=6, callbacks=[callback, rates], **quiet()).fit(model, data)
+        return model, callback.task_results()[0], [lr for epoch in rates.epochs for lr in epoch]
 
-    off_model, off = run()
+    off_model, off, off_rates = run(early_stop=False)
     # a rule that can never fire (Acc_f <= 0 and a loss at 0 exactly, no plateau test) changes nothing
-    on_model, on = run(early_stop=True, stop_forget_acc=0.0, stop_saturation=0.0, stop_plateau=0.0)
+    on_model, on, on_rates = run(stop_forget_acc=0.0, stop_saturation=0.0, stop_plateau=0.0)
     assert off["epochs"] == on["epochs"] == 3 and off["stopped_by"] == on["stopped_by"] == "max_epochs"
     for key, value in off_model.state_dict().items():
         assert torch.equal(value, on_model.state_dict()[key]), key
     assert {k: v for k, v in off.items() if k != "seconds"} == {k: v for k, v in on.items() if k != "seconds"}
+    # the fixed-epoch schedule: cosine from lr to min_lr over max_epochs x steps, as before the rule existed
+    cosine = [1e-5 + (1e-2 - 1e-5) * 0.5 * (1 + math.cos(math.pi * k / 18)) for k in range(18)]
+    assert off_rates == on_rates and off_rates == pytest.approx(cosine, rel=1e-12)
 
 
 def test_the_rule_measures_acc_f_itself_when_validation_skips_the_epoch(pretrained_vit, mnist, quiet):
     model = pretrained_vit()
     data = ForgettingDataModule(mnist, replay_ratio=0.1, batch_size=32, eval_batch_size=500)
-    callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False, early_stop=True)
+    callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False)
     trainer = pl.Trainer(max_epochs=30, check_val_every_n_epoch=100, callbacks=[callback], **quiet())
     trainer.fit(model, data)
     (row,) = callback.task_results()
@@ -145,6 +189,8 @@ def test_without_validation_data_the_rule_warns_and_the_task_runs_max_epochs(qui
     ({"stop_forget_acc": -0.5}, r"stop_forget_acc .* got -0.5"),
     ({"stop_saturation": 1.0}, r"stop_saturation is a share of the bound, in \[0, 1\) .* got 1.0"),
     ({"stop_plateau": -0.1}, r"stop_plateau is a relative decrease per epoch, in \[0, 1\) .* got -0.1"),
+    ({"stop_cooldown": -1}, r"stop_cooldown is a number of epochs, an integer >= 0 .* got -1"),
+    ({"stop_cooldown": 0.5}, r"stop_cooldown .* got 0.5"),
 ])
 def test_bad_stopping_options(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -152,17 +198,59 @@ def test_bad_stopping_options(kwargs, message):
 
 
 def test_forget_sequence_default_cap_is_generous_with_the_rule(quiet):
-    assert _make_trainer(None, GSLoRA([[0]], early_stop=True)).max_epochs == DEFAULT_EARLY_STOP_MAX_EPOCHS == 50
-    assert _make_trainer(None, GSLoRA([[0]])).max_epochs == 10  # unchanged without the rule
+    assert GSLoRA([[0]]).early_stop  # the default
+    assert _make_trainer(None, GSLoRA([[0]])).max_epochs == DEFAULT_EARLY_STOP_MAX_EPOCHS == 50
+    assert _make_trainer(None, GSLoRA([[0]], early_stop=False)).max_epochs == 10  # fixed epochs: as before
 
 
 def test_stop_record_is_part_of_the_checkpointed_state():
     callback = GSLoRA([[0], [1]], early_stop=True)
     callback._stop = {"epoch": 4, "acc_f": 0.0, "forget_term": 0.1, "saturation": "bound"}
     callback._previous_term = 0.2
+    callback._cooldown = {"start": 120, "steps": 30, "last_epoch": 5}
     restored = GSLoRA([[0], [1]], early_stop=True)
     restored.load_state_dict(callback.state_dict())
     assert restored._stop == callback._stop and restored._previous_term == 0.2
+    assert restored._cooldown == callback._cooldown
+
+
+class CountEpochs(Callback):
+    def __init__(self):
+        self.epochs = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs += 1
+
+
+def test_resume_in_the_cool_down_is_exact(pretrained_vit, mnist, quiet, tmp_path):
+    """A checkpoint taken inside the cool-down resumes it: same learning rates, same stop, same weights."""
+
+    def run(root, ckpt_path=None):
+        model = pretrained_vit()
+        data = ForgettingDataModule(mnist, replay_ratio=0.1, batch_size=32, eval_batch_size=500)
+        callback = GSLoRA([[0, 1]], beta=0.1, bound=15.0, plots=False)
+        checkpoint = ModelCheckpoint(dirpath=str(root), filename="{epoch}", save_top_k=-1, every_n_epochs=1,
+                                     save_on_train_epoch_end=True)
+        counter = CountEpochs()
+        trainer = pl.Trainer(max_epochs=30, callbacks=[callback, checkpoint, counter],
+                             **quiet(enable_checkpointing=True, default_root_dir=str(root)))
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, callback.task_results()[0], counter.epochs
+
+    full_model, full, _ = run(tmp_path / "full")
+    epochs = full["epochs"]
+    assert full["stopped_by"] == "early_stop" and epochs < 30
+    # the end of the second-last epoch: inside the cool-down (default 3 epochs), whose state the checkpoint carries
+    inside = tmp_path / "full" / f"epoch={epochs - 2}.ckpt"
+    (state,) = [v for k, v in torch.load(inside, map_location="cpu", weights_only=False)["callbacks"].items()
+                if k.startswith("GSLoRA")]
+    assert state["cooldown"]["last_epoch"] == epochs - 1 and state["stop"]["epoch"] == epochs - 4
+    resumed_model, resumed, resumed_epochs = run(tmp_path / "resumed", ckpt_path=str(inside))
+    assert resumed_epochs == 1 and resumed["epochs"] == epochs and resumed["stopped_by"] == "early_stop"
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    keys = ("acc_f", "acc_r", "acc_o", "epochs")
+    assert {k: full[k] for k in keys} == {k: resumed[k] for k in keys}
 
 
 # ------------------------------------------------------------------------------------------ a model we did not build
@@ -197,10 +285,12 @@ class TorchvisionViT(pl.LightningModule):
 
 @pytest.mark.slow
 def test_torchvision_vit_forgets_two_classes_with_the_default_settings(mnist, quiet):
-    """Quality bar (seed 0, 1 thread): after 30 epochs of pretraining (val accuracy >= 90 %), GSLoRA with its
-    default settings and ``early_stop=True`` under a cap of 50 epochs forgets digits 0 and 1 to Acc_f <= 1 % on the
-    validation and the test split, stops before the cap, and keeps the retained classes within 10 points of their
-    accuracy before forgetting (measured: 94.50 -> 87.25 % validation; see the printed row)."""
+    """Quality bar (seed 0, 1 thread), on a model the suite did not build: after 30 epochs of pretraining (val
+    accuracy >= 90 %), GSLoRA with its default settings (the stopping rule and its cool-down) under
+    forget_sequence's default cap of 50 epochs forgets digits 0 and 1 to Acc_f <= 1 % on the validation and the
+    test split, stops before the cap, and keeps the retained classes within 10 points of their accuracy before
+    forgetting (measured: 19 epochs, Acc_r 94.50 -> 87.25 % validation, 93.00 -> 86.38 % test). Ten fixed epochs
+    (``early_stop=False``, the cosine schedule over them) leave the classes recognised (measured: Acc_f 96 %)."""
     pytest.importorskip("torchvision")
     pl.seed_everything(0, verbose=False)
     model = TorchvisionViT(epochs=30)
@@ -208,14 +298,23 @@ def test_torchvision_vit_forgets_two_classes_with_the_default_settings(mnist, qu
     trainer.fit(model, mnist)
     (pretrained,) = trainer.validate(model, mnist, verbose=False)
     assert pretrained["val_acc"] >= 0.90
+    state = {k: v.clone() for k, v in model.state_dict().items()}
 
     data = ForgettingDataModule(mnist, replay_ratio=0.1)
-    callback = GSLoRA([[0, 1]], early_stop=True, eval_test=True, plots=False)
+    callback = GSLoRA([[0, 1]], eval_test=True, plots=False)
+    assert _make_trainer(None, callback).max_epochs == DEFAULT_EARLY_STOP_MAX_EPOCHS
     rows = forget_sequence(model, data, callback, trainer=dict(max_epochs=DEFAULT_EARLY_STOP_MAX_EPOCHS, **quiet()))
     (row,) = rows
-    print("\ntorchvision ViT:", {k: row.get(k) for k in ("epochs", "stopped_by", "acc_f_before", "acc_f",
-                                                         "acc_r_before", "acc_r", "test_acc_f_before", "test_acc_f",
-                                                         "test_acc_r_before", "test_acc_r", "seconds")})
+    keys = ("epochs", "stopped_by", "acc_f_before", "acc_f", "acc_r_before", "acc_r", "test_acc_f_before",
+            "test_acc_f", "test_acc_r_before", "test_acc_r", "seconds")
+    print("\ntorchvision ViT, defaults:", {k: row.get(k) for k in keys})
     assert row["stopped_by"] == "early_stop" and row["epochs"] < DEFAULT_EARLY_STOP_MAX_EPOCHS
     assert row["acc_f_before"] > 90 and row["acc_f"] <= 1.0 and row["test_acc_f"] <= 1.0
     assert row["acc_r"] >= row["acc_r_before"] - 10.0 and row["test_acc_r"] >= row["test_acc_r_before"] - 10.0
+
+    # the issue's setting: 10 fixed epochs are too few for this model
+    model.load_state_dict(state)
+    fixed = GSLoRA([[0, 1]], early_stop=False, plots=False)
+    (short,) = forget_sequence(model, data, fixed, trainer=dict(max_epochs=10, **quiet()))
+    print("torchvision ViT, 10 fixed epochs:", {k: short.get(k) for k in keys[:6]})
+    assert short["stopped_by"] == "max_epochs" and short["epochs"] == 10 and short["acc_f"] > 50

@@ -184,7 +184,7 @@ def test_frozen_batchnorm_and_precision(quiet, precision):
     module = NormedModule()
     stats = module.norm.running_mean.clone()
     head = module.out.weight.clone()
-    callback = GSLoRA([[0], [1]], lr=0.05)
+    callback = GSLoRA([[0], [1]], lr=0.05, early_stop=False)  # fixed epochs: 2 tasks x 2 validations
     for _ in range(2):
         trainer = pl.Trainer(max_epochs=2, callbacks=[callback], **quiet(precision=precision))
         trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader())

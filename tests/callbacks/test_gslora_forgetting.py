@@ -19,7 +19,8 @@ def test_tiny_vit_forgets_three_tasks_one_fit_per_task(pretrained_vit, mnist, qu
     model = pretrained_vit()
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
     data = ForgettingDataModule(mnist, replay_ratio=0.1, batch_size=32, eval_batch_size=500)
-    callback = GSLoRA(TASKS, beta=0.1, bound=15.0, output_dir=str(tmp_path / "report"))
+    # fixed epochs (early_stop=False): 20 per task, so 60 validations
+    callback = GSLoRA(TASKS, beta=0.1, bound=15.0, early_stop=False, output_dir=str(tmp_path / "report"))
     for task in range(len(TASKS)):
         trainer = pl.Trainer(max_epochs=20, callbacks=[callback], **quiet())
         trainer.fit(model, data)
@@ -155,7 +156,8 @@ def test_resume_mid_sequence_is_exact(pretrained_vit, mnist, quiet, tmp_path, re
     def run(root, ckpt_path=None):
         model = pretrained_vit()
         data = ForgettingDataModule(mnist, replay_ratio=0.05, batch_size=32, eval_batch_size=500)
-        callback = GSLoRA(tasks, beta=0.1, bound=15.0, prototypes=True, plots=False)
+        # fixed epochs (early_stop=False): the checkpoints and epoch counts below are those of 3 epochs per task
+        callback = GSLoRA(tasks, beta=0.1, bound=15.0, prototypes=True, plots=False, early_stop=False)
         counter = CountEpochs()
         folders = iter(range(10))
 
