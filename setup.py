@@ -5,7 +5,11 @@
 and with users' own ``modules/`` folders.
 """
 
+import importlib.util
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 PACKAGE_DIRS = {
     "lightning_plugins": "lightning_plugins",
@@ -16,8 +20,6 @@ PACKAGE_DIRS = {
 
 def _subpackages() -> dict[str, str]:
     """Every package below the three roots, mapped to its source folder."""
-    from pathlib import Path
-
     found = {}
     for name, folder in PACKAGE_DIRS.items():
         for init in sorted(Path(folder).rglob("__init__.py")):
@@ -28,6 +30,27 @@ def _subpackages() -> dict[str, str]:
 
 
 PACKAGES = _subpackages()
+
+
+def _autoregister_pth() -> tuple[str, str]:
+    """(file name, content) of the .pth that lets precision="fp8-msamp" work without an import (see the module)."""
+    path = Path(__file__).resolve().parent / "lightning_plugins" / "_autoregister.py"
+    spec = importlib.util.spec_from_file_location("_lightning_plugins_autoregister", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PTH_NAME, module.PTH_LINE
+
+
+class BuildPyWithAutoregister(build_py):
+    """build_py plus ``lightning_plugins-autoregister.pth`` at the root of the build (so, of site-packages)."""
+
+    def run(self) -> None:
+        super().run()
+        name, line = _autoregister_pth()
+        Path(self.build_lib, name).write_text(line, encoding="utf-8")
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib, _autoregister_pth()[0]))]
 
 CORE = [
     "torch>=2.4,<=2.14.1",
@@ -64,5 +87,6 @@ setup(
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lightning-plugins=lightning_plugins.cli:main"]},
+    cmdclass={"build_py": BuildPyWithAutoregister},
     license="Apache-2.0",
 )

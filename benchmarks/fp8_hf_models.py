@@ -27,7 +27,15 @@ import torch
 from lightning.fabric import Fabric
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpt import TokenWindows, bpe_tokenize, environment, local_text, markdown_table, quiet_lightning, write_results  # noqa: E402
+from _gpt import (  # noqa: E402
+    TokenWindows,
+    bpe_tokenize,
+    environment,
+    local_text,
+    markdown_table,
+    quiet_lightning,
+    write_results,
+)
 
 import lightning_plugins  # noqa: E402,F401  (registers precision="fp8-msamp" for Trainer and Fabric)
 

@@ -308,7 +308,10 @@ def convert_to_fp8(
             report.decisions.append(LayerDecision(name, in_features, out_features, "skipped", reason, layer_type))
             replaced[id(mod)] = mod
             continue
-        new = FP8Conv1D.from_conv1d(mod, **layer_kwargs) if kind == "conv1d" else FP8Linear.from_linear(mod, **layer_kwargs)
+        if kind == "conv1d":
+            new = FP8Conv1D.from_conv1d(mod, **layer_kwargs)
+        else:
+            new = FP8Linear.from_linear(mod, **layer_kwargs)
         setattr(parent, child_name, new)
         replaced[id(mod)] = new
         report.decisions.append(LayerDecision(name, in_features, out_features, "converted", "", layer_type))

@@ -23,6 +23,8 @@ counts 32 bits per parameter: the size of the weights at O1 and outside the FP8 
 FP8/FP16 Adam states, FP16 master weights), which needs Adam or AdamW; pass
 ``plugins=[MSAMPPrecision(level="O1")]`` for other optimizers or other options.
 
+A wheel install also applies it without an import, the first time the string is used (``_autoregister.py``).
+
 The patch is applied only for the Lightning versions it was tested with (:data:`TESTED_LIGHTNING`);
 outside them :func:`register_precision_flag` raises and ``import lightning_plugins`` warns, and the
 plugin instance (``Trainer(plugins=[MSAMPPrecision(...)])``) keeps working with stock Lightning.
