@@ -53,12 +53,12 @@ def _reset_peak_rss() -> bool:
 
 
 def _trainer_kwargs(mode: str) -> dict[str, Any]:
-    if mode == "fp8-msamp O1":
+    # restore_layers=False: the state is measured on the model as it trained (FP8 layers, FP16 masters); by default
+    # the plugin swaps the layers back to plain fp32 nn.Linear when the run ends
+    if mode in ("fp8-msamp O1", "fp8-msamp O2"):
         from lightning_plugins import MSAMPPrecision
 
-        return {"plugins": [MSAMPPrecision(level="O1")]}
-    if mode == "fp8-msamp O2":
-        return {"precision": "fp8-msamp"}  # the flag (O2), registered by `import lightning_plugins`
+        return {"plugins": [MSAMPPrecision(level=mode[-2:], restore_layers=False)]}
     return {"precision": mode}
 
 
