@@ -1,7 +1,7 @@
 """One distribution, ``lightning-plugins``, exposing exactly ``lightning_plugins.*``.
 
 ``callbacks/`` and ``modules/`` live at the top of the repository but install under
-``lightning_plugins`` (see DESIGN.md): generic top-level names would collide with PyPI packages
+``lightning_plugins`` (the README's Layout section): generic top-level names would collide with PyPI packages
 and with users' own ``modules/`` folders.
 """
 

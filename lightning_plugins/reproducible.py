@@ -8,6 +8,7 @@ picks for the CPU it runs on (MKL, ATen and oneDNN choose AVX-512 or AVX2 kernel
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -34,10 +35,8 @@ def pin_numerics(threads: int = 1, isa: str = "avx2") -> dict[str, Any]:
         raise ValueError(f"isa must be one of {sorted(ISA_ENV)}, got {isa!r}.")
     os.environ.update(ISA_ENV[isa])
     torch.set_num_threads(threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set, or parallel work already ran in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already ran in this process
-        pass
     torch.use_deterministic_algorithms(True)
     capability = torch.backends.cpu.get_cpu_capability()
     if isa == "avx2" and capability.startswith("AVX512"):

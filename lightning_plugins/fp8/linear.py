@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from lightning_plugins.fp8.gemm import check_backend_name, get_backend
 from lightning_plugins.fp8.quantize import ScaledTensor, quantize_with_state
 from lightning_plugins.fp8.scaling import ScalingState, scaling_frozen
-from lightning_plugins.fp8.wgrad import WeightGradSlot
+from lightning_plugins.fp8.wgrad import WeightGradSlot, detach_fp8_grad
 
 __all__ = ["FP8Linear", "FP8Conv1D", "WGRAD_MODES", "SCALING_ROLES"]
 
@@ -233,12 +233,7 @@ class FP8Linear(nn.Module):
         Layers built directly (not by :meth:`from_linear`) give a new ``nn.Linear``. The FP8 weight
         gradient, if any, is dropped.
         """
-        from lightning_plugins.fp8.wgrad import clear_fp8_grads
-
-        clear_fp8_grads([self.weight])
-        for attr in ("_fp8_grad", "_fp8_grad_slot"):
-            if hasattr(self.weight, attr):
-                delattr(self.weight, attr)
+        detach_fp8_grad(self.weight)
         source = self.__dict__.get("_source_layer")
         if source is None:
             source = self._new_source_layer()

@@ -27,7 +27,7 @@ from torch import nn
 from lightning_plugins.fp8.buffers import DeviceOnlyBuffers
 from lightning_plugins.fp8.quantize import ScaledTensor, to_float32
 
-__all__ = ["get_fp8_grad", "set_fp8_grad", "clear_fp8_grads", "fp8_grad_params", "WeightGradSlot"]
+__all__ = ["get_fp8_grad", "set_fp8_grad", "clear_fp8_grads", "detach_fp8_grad", "fp8_grad_params", "WeightGradSlot"]
 
 _ATTR = "_fp8_grad"
 _SLOT_ATTR = "_fp8_grad_slot"
@@ -69,6 +69,14 @@ def clear_fp8_grads(params: nn.Module | Iterable[torch.Tensor]) -> None:
     items = params.parameters() if isinstance(params, nn.Module) else params
     for p in items:
         _drop(p)
+
+
+def detach_fp8_grad(param: torch.Tensor) -> None:
+    """Remove every trace of the FP8 side channel from ``param`` (its gradient and its slot), e.g. when the
+    parameter goes back to a plain layer."""
+    for attr in (_ATTR, _SLOT_ATTR):
+        if hasattr(param, attr):
+            delattr(param, attr)
 
 
 def _drop(param: torch.Tensor) -> None:

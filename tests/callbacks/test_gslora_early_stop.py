@@ -242,7 +242,7 @@ def test_resume_in_the_cool_down_is_exact(pretrained_vit, mnist, quiet, tmp_path
     assert full["stopped_by"] == "early_stop" and epochs < 30
     # the end of the second-last epoch: inside the cool-down (default 3 epochs), whose state the checkpoint carries
     inside = tmp_path / "full" / f"epoch={epochs - 2}.ckpt"
-    (state,) = [v for k, v in torch.load(inside, map_location="cpu", weights_only=False)["callbacks"].items()
+    (state,) = [v for k, v in torch.load(inside, map_location="cpu", weights_only=True)["callbacks"].items()
                 if k.startswith("GSLoRA")]
     assert state["cooldown"]["last_epoch"] == epochs - 1 and state["stop"]["epoch"] == epochs - 4
     resumed_model, resumed, resumed_epochs = run(tmp_path / "resumed", ckpt_path=str(inside))

@@ -1,4 +1,4 @@
-"""DESIGN.md layering: lightning_plugins.fp8 is pure torch and imports no Lightning."""
+"""Layering (README, Layout): lightning_plugins.fp8 is pure torch and imports no Lightning."""
 
 import ast
 from pathlib import Path

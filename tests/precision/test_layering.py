@@ -1,4 +1,4 @@
-"""DESIGN.md layering: lightning_plugins.precision may import Lightning and lightning_plugins.fp8, never the
+"""Layering (README, Layout): lightning_plugins.precision may import Lightning and lightning_plugins.fp8, never the
 callbacks or modules; the FP8 communication code in lightning_plugins.fp8 stays pure torch."""
 
 import ast
