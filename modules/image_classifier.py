@@ -1,4 +1,5 @@
-"""``ImageClassifier``: a backbone (the project's ViT by default, or any ``nn.Module``) plus a linear head."""
+"""``ImageClassifier``: a backbone (the project's ViT by default, any registry name, or any ``nn.Module``) plus a
+linear head."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_plugins.modules.backbones import build_backbone
+from lightning_plugins.modules.backbones import backbone_parameters, build_backbone
 from lightning_plugins.modules.schedules import warmup_cosine
 
 # Learning rates used when ``lr`` is left unset: the hybrid (conv-stem) ViT learns best with a higher one in short
@@ -31,9 +32,14 @@ class ImageClassifier(pl.LightningModule):
 
     Args:
         num_classes: number of classes of the linear head.
-        backbone: ``"vit"`` (the project's ViT, shaped by the arguments below) or any ``nn.Module`` mapping
-            images to features ``[B, d]``; ``d`` is read from its ``num_features`` attribute when present,
-            otherwise from one forward pass on a blank image.
+        backbone: ``"vit"`` (the project's ViT, shaped by the arguments below), any other name of the backbone
+            registry (``"iresnet50"``, ``"iresnet_small"``, ``"vit_face"``, ``"inception_resnet_v1"``,
+            ``"torchvision:resnet18"``, ``"timm:<model>"``, ...; see
+            :func:`lightning_plugins.modules.backbones.backbone_names`), or any ``nn.Module`` mapping images to
+            features ``[B, d]``; ``d`` is read from its ``num_features`` attribute when present, otherwise from
+            one forward pass on a blank image. A registry name other than ``"vit"`` gets ``in_channels`` and (when
+            set) ``image_size`` if its builder takes them, plus ``backbone_kwargs``; the ViT arguments below
+            (``patch_size`` ... ``dropout``, ``stem``) apply to ``"vit"`` only, and the default ``lr`` is 1e-3.
         image_size: input side in pixels. ``None`` (default): any size with the conv stem, 28 with the patch
             stem (and the probe size for a custom backbone). When set, inputs of another size are an error.
         in_channels: input channels (1 = greyscale; set 3 for colour images); also the probe for a custom backbone.
@@ -53,6 +59,11 @@ class ImageClassifier(pl.LightningModule):
         stem: ViT stem: ``"conv"`` (hybrid ViT, any image size), ``"patch"`` (classic ViT on ``patch_size``
             patches) or ``"auto"`` (default): ``"patch"`` when ``patch_size`` is given, else ``"conv"``.
             Ignored for a custom backbone.
+        backbone_kwargs: extra keyword arguments for the registry builder of ``backbone`` (a plain dict, saved
+            with the hyperparameters), e.g. ``{"max_grid": 5}`` for ``"vit"``, ``{"embed_dim": 256}`` for
+            ``"iresnet50"`` or ``{"weights_path": "/path/to/state_dict.pt"}``. Arguments that ``ImageClassifier``
+            sets itself (``in_channels``, ``image_size``; with ``"vit"`` also the ViT arguments) are an error here.
+            Not allowed with an ``nn.Module`` backbone.
     """
 
     def __init__(
@@ -73,6 +84,7 @@ class ImageClassifier(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
         stem: str = "auto",
+        backbone_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -89,8 +101,16 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
+            raise TypeError(f"backbone_kwargs must be a dict or None, got {type(backbone_kwargs).__name__}")
+        if backbone_kwargs and not isinstance(backbone, str):
+            raise ValueError("backbone_kwargs applies to a registry name only; configure an nn.Module yourself")
+        extra = dict(backbone_kwargs or {})
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        if isinstance(backbone, str):
+        if isinstance(backbone, str) and backbone != "vit":
+            backbone = self._build_registry_backbone(backbone, image_size, in_channels, patch_size, extra)
+            stem = "custom"
+        elif isinstance(backbone, str):
             if stem == "auto":
                 stem = "patch" if patch_size is not None else "conv"
             if stem == "patch":
@@ -103,7 +123,7 @@ class ImageClassifier(pl.LightningModule):
             backbone = build_backbone(
                 backbone, image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                 embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                stem=stem,
+                stem=stem, **_without_own_arguments(extra, VIT_ARGUMENTS),
             )
         elif isinstance(backbone, nn.Module):
             stem = "custom"
@@ -122,6 +142,20 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_class_acc = MulticlassAccuracy(num_classes, average="none")
         self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
+
+    @staticmethod
+    def _build_registry_backbone(
+        name: str, image_size: Optional[int], in_channels: int, patch_size: Optional[int], extra: dict[str, Any]
+    ) -> nn.Module:
+        accepted = backbone_parameters(name)  # first: an unknown name is the error to report
+        if patch_size is not None:
+            raise ValueError(f"patch_size={patch_size!r} applies to backbone='vit' only (got backbone={name!r})")
+        kwargs = _without_own_arguments(extra, ("in_channels", "image_size"))
+        if "in_channels" in accepted:
+            kwargs["in_channels"] = in_channels
+        if image_size is not None and "image_size" in accepted:
+            kwargs["image_size"] = image_size
+        return build_backbone(name, **kwargs)
 
     # -- model ----------------------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -232,6 +266,19 @@ class ImageClassifier(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = warmup_cosine(optimizer, total, int(self.hparams.warmup_fraction * total), self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+VIT_ARGUMENTS = ("image_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads", "mlp_ratio", "dropout",
+                 "stem")
+
+
+def _without_own_arguments(extra: dict[str, Any], own: tuple[str, ...]) -> dict[str, Any]:
+    clashes = sorted(set(extra) & set(own))
+    if clashes:
+        raise ValueError(
+            f"backbone_kwargs must not set {clashes}: they are ImageClassifier arguments; set them there instead"
+        )
+    return dict(extra)
 
 
 def _feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
