@@ -1,8 +1,10 @@
 """Ready LightningModules and DataModules (installed as ``lightning_plugins.modules``).
 
-Image classification (:class:`ImageClassifier` and its DataModules) and the Xwin-LM alignment stages
+Image classification (:class:`ImageClassifier` and its DataModules), face recognition (:class:`FaceRecognizer`,
+:class:`FaceDataModule`: see :mod:`lightning_plugins.modules.face`) and the Xwin-LM alignment stages
 (:class:`SFTModule`, :class:`RewardModel`, :class:`DPOModule`, their DataModules, rejection sampling: see
-:mod:`lightning_plugins.modules.align`). Planned (later issues): ``FaceRecognizer``, ``ObjectDetector``.
+:mod:`lightning_plugins.modules.align`). Backbones are built by name in one registry
+(:func:`lightning_plugins.modules.backbones.build_backbone`). Planned: ``ObjectDetector``.
 """
 
 from lightning_plugins.modules.align import (
@@ -20,11 +22,14 @@ from lightning_plugins.modules.data import (
     MNIST5kDataModule,
     TensorDataModule,
 )
+from lightning_plugins.modules.face import FaceDataModule, FaceRecognizer
 from lightning_plugins.modules.image_classifier import ImageClassifier
 
 __all__ = [
     "DPOModule",
     "DigitsDataModule",
+    "FaceDataModule",
+    "FaceRecognizer",
     "ImageClassificationDataModule",
     "ImageClassifier",
     "ImageFolderDataModule",
