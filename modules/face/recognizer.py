@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_plugins.modules.backbones import build_backbone
 from lightning_plugins.modules.face.heads import MarginHead
 from lightning_plugins.modules.face.metrics import VerificationMetrics
-from lightning_plugins.modules.schedules import warmup_cosine
+from lightning_plugins.modules.schedules import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -218,19 +218,8 @@ class FaceRecognizer(pl.LightningModule):
 
     # -- optimization ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 or name.endswith(("pos_embed", "cls_token")) else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine(optimizer, total, int(self.hparams.warmup_fraction * total), self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_warmup_cosine(self, self.lr, hp.weight_decay, hp.warmup_fraction, hp.min_lr_ratio)
 
 
 def _embedding_width(backbone: nn.Module) -> int:
