@@ -4,7 +4,8 @@ Image classification (:class:`ImageClassifier` and its DataModules), face recogn
 :class:`FaceDataModule`: see :mod:`lightning_plugins.modules.face`) and the Xwin-LM alignment stages
 (:class:`SFTModule`, :class:`RewardModel`, :class:`DPOModule`, their DataModules, rejection sampling: see
 :mod:`lightning_plugins.modules.align`). Backbones are built by name in one registry
-(:func:`lightning_plugins.modules.backbones.build_backbone`). Planned: ``ObjectDetector``.
+(:func:`lightning_plugins.modules.backbones.build_backbone`). Object detection: :class:`ObjectDetector`,
+:class:`COCODetectionDataModule` (see :mod:`lightning_plugins.modules.detection`).
 """
 
 from lightning_plugins.modules.align import (
@@ -22,10 +23,12 @@ from lightning_plugins.modules.data import (
     MNIST5kDataModule,
     TensorDataModule,
 )
+from lightning_plugins.modules.detection import COCODetectionDataModule, ObjectDetector
 from lightning_plugins.modules.face import FaceDataModule, FaceRecognizer
 from lightning_plugins.modules.image_classifier import ImageClassifier
 
 __all__ = [
+    "COCODetectionDataModule",
     "DPOModule",
     "DigitsDataModule",
     "FaceDataModule",
@@ -35,6 +38,7 @@ __all__ = [
     "ImageFolderDataModule",
     "LabelledImageDataset",
     "MNIST5kDataModule",
+    "ObjectDetector",
     "PreferenceDataModule",
     "RewardModel",
     "SFTDataModule",

@@ -6,13 +6,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -30,22 +28,37 @@ from lightning_plugins.callbacks.gslora.lora import (
     inject_lora,
     remove_lora,
 )
-from lightning_plugins.callbacks.gslora.losses import (
-    PROTOTYPE_DISTANCES,
-    group_soft_threshold_,
-    gslora_loss,
-    prototype_loss,
+from lightning_plugins.callbacks.gslora.evaluation import (
+    describe as _describe,
+    evaluate_split_metrics,
+    flatten_loaders as _flatten_loaders,
+    loggable as _loggable,
+    split_training_batch as _split_training_batch,
+    unpack as _unpack,
 )
+from lightning_plugins.callbacks.gslora.losses import PROTOTYPE_DISTANCES, group_soft_threshold_
 from lightning_plugins.callbacks.gslora.metrics import (
     LabelledCorrect,
     drop_and_h,
     group_norms,
     parameter_counts,
-    split_accuracies,
     update_norms,
     zero_group_ratio,
 )
+from lightning_plugins.callbacks.gslora.objectives import (
+    OBJECTIVES,
+    PrototypeSpec,
+    StepContext,
+    TaskObjective,
+    resolve_objective,
+)
+from lightning_plugins.callbacks.gslora.prototypes import all_reduce_class_sums as _all_reduce_class_sums
+from lightning_plugins.callbacks.gslora.prototypes import class_prototypes
 from lightning_plugins.callbacks.gslora.tasks import TaskView, check_class_range, validate_tasks, view
+
+# kept importable from here (they lived in this module before evaluation.py / prototypes.py)
+__all__ = ["GSLoRA", "_all_reduce_class_sums", "_describe", "_flatten_loaders", "_loggable", "_split_training_batch",
+           "_unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +66,8 @@ _STATE_VERSION = 1
 
 
 class GSLoRA(Callback):
-    """Forget a sequence of class sets from a trained classifier, one task per ``Trainer.fit``.
+    """Forget a sequence of class sets from a trained classifier (or object categories from a detector), one task
+    per ``Trainer.fit``.
 
     For each task the callback (1) adds a fresh LoRA group on the FFN Linear layers of every Transformer block and
     freezes everything else (the head included); (2) trains it with
@@ -85,6 +99,14 @@ class GSLoRA(Callback):
     module's ``training_step`` is replaced by the GS-LoRA objective (and, if ``lr`` is set, its
     ``configure_optimizers`` by AdamW on the LoRA tensors); its ``validation_step``/``test_step`` still run,
     followed by the callback's split accuracies. The originals are restored at ``teardown``.
+
+    Detectors: with ``objective="detection"`` (or ``"auto"`` and a module defining ``forgetting_losses``) the
+    step is GS-LoRA's detection objective and the metrics are AP per split (see
+    :class:`~lightning_plugins.callbacks.gslora.objectives.DetectionObjective` for the module protocol:
+    ``forgetting_losses(images, targets) -> {"cls", "box"}``, ``detect(images)``, ``num_classes``, optional
+    ``gslora_target``, used when ``target`` is ``None``); data from
+    :class:`~lightning_plugins.callbacks.DetectionForgettingDataModule`. Other kinds of models plug in their own
+    :class:`~lightning_plugins.callbacks.gslora.objectives.TaskObjective`.
 
     DataModule protocol (optional; :class:`ForgettingDataModule` implements it):
     ``set_forgetting_task(index, forgotten, old)``, ``missing_classes``, ``prototype_dataloader()``.
@@ -172,6 +194,25 @@ class GSLoRA(Callback):
             0 switches this alternative off, so only ``stop_saturation`` counts.
         stop_cooldown: epochs of learning-rate annealing after the rule holds, before the task stops (default 3;
             never past ``max_epochs``); 0 stops at the epoch the rule holds.
+        objective: the task objective (:mod:`~lightning_plugins.callbacks.gslora.objectives`): ``"auto"`` (default:
+            ``"detection"`` when the module defines ``forgetting_losses``, else ``"classification"``),
+            ``"classification"`` (:class:`~.objectives.ClassificationObjective`, with this callback's ``bound`` and
+            ``bound_per_sample``), ``"detection"`` (:class:`~.objectives.DetectionObjective` with its defaults:
+            bound 15, ``mode="bounded"``) or a :class:`~.objectives.TaskObjective` instance (in YAML:
+            ``class_path``/``init_args``). Detection rows and logs use ``ap_f``/``ap_r``/``ap_o`` (AP in percent)
+            where classification uses ``acc_f``/``acc_r``/``acc_o``/``acc_m``; Drop and H are computed alike.
+        stop_forget_ap: detection only: the AP_f (percent) at or below which ``early_stop`` counts a task as
+            forgotten (in place of ``stop_forget_acc``); ``None`` (default): 10 % of the task's AP_f before
+            forgetting. The saturation test uses the detection objective's bound (``mode="bounded"``); with
+            ``mode="background"`` the forgetting term has no bound and only the plateau test applies.
+
+    Objectives and module methods: the training step is always the callback's (Lightning takes the loss from
+    ``training_step``, and the module's own step cannot read ``{"retain", "forget"}`` batches), and so is
+    ``configure_optimizers`` when ``lr`` is set. The evaluation steps are replaced only for the classification
+    objective (the fallback that keeps classification bit-identical to the callback before objectives) or when the
+    module defines no ``validation_step``/``test_step``; a detection module's own evaluation steps run unchanged
+    and the callback collects its AP from its ``on_validation_batch_end``/``on_test_batch_end`` hooks, calling
+    the module's ``detect``.
     """
 
     def __init__(
@@ -208,6 +249,8 @@ class GSLoRA(Callback):
         stop_saturation: float = 0.05,
         stop_plateau: float = 0.05,
         stop_cooldown: int = 3,
+        objective: Union[str, TaskObjective] = "auto",
+        stop_forget_ap: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.tasks = validate_tasks(tasks)
@@ -288,6 +331,16 @@ class GSLoRA(Callback):
         self.stop_saturation = float(stop_saturation)
         self.stop_plateau = float(stop_plateau)
         self.stop_cooldown = stop_cooldown
+        if not isinstance(objective, TaskObjective) and objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} or a TaskObjective instance (e.g. "
+                             f"DetectionObjective(bound=15.0)), got {objective!r}")
+        if stop_forget_ap is not None and (isinstance(stop_forget_ap, bool) or not isinstance(
+                stop_forget_ap, (int, float)) or not 0.0 <= stop_forget_ap <= 100.0):
+            raise ValueError(f"stop_forget_ap is an AP in percent, between 0 and 100, or None (10 % of AP_f before "
+                             f"the task); got {stop_forget_ap!r}")
+        self.objective = objective
+        self.stop_forget_ap = None if stop_forget_ap is None else float(stop_forget_ap)
+        self._objective: Optional[TaskObjective] = None
 
         # checkpointed state
         self.task_index = 0
@@ -311,7 +364,6 @@ class GSLoRA(Callback):
         self._wrapped: dict[str, Any] = {}
         self._requires_grad: Optional[list[tuple[nn.Parameter, bool]]] = None
         self._batchnorms: list[nn.Module] = []
-        self._logits_classes: Optional[int] = None
         self._val_metric = LabelledCorrect()
         self._test_metric = LabelledCorrect()
         self._alpha_now = self.alpha
@@ -357,6 +409,13 @@ class GSLoRA(Callback):
                 f"all {self.num_tasks} forgetting tasks of this GSLoRA callback are done; nothing is left to fit. "
                 "Create a new GSLoRA with the next tasks"
             )
+        objective = self._resolve_objective(pl_module)
+        if self.prototypes and not objective.supports_prototypes:
+            raise TypeError(
+                f"GSLoRA(prototypes=True) is not supported by the {objective.name} objective "
+                f"({type(objective).__name__}); set prototypes=False"
+            )
+        objective.check_module(pl_module)
         if self.prototypes and not callable(getattr(pl_module, "embed", None)):
             raise TypeError(
                 f"GSLoRA(prototypes=True) needs {type(pl_module).__name__}.embed(x) -> [B, d] (the features the class "
@@ -370,13 +429,36 @@ class GSLoRA(Callback):
             self._sync_datamodule(trainer)
             self._setup_task = self.task_index
             self._wrap(pl_module, "training_step", self._make_training_step(pl_module))
-            self._wrap(pl_module, "validation_step", self._make_eval_step(pl_module, "validation_step"))
+            self._wrap_eval_step(pl_module, "validation_step")
             if self.lr is not None:
                 self._wrap(pl_module, "configure_optimizers", self._make_configure_optimizers(trainer, pl_module))
         elif stage == "validate":
-            self._wrap(pl_module, "validation_step", self._make_eval_step(pl_module, "validation_step"))
+            self._wrap_eval_step(pl_module, "validation_step")
         elif stage == "test":
-            self._wrap(pl_module, "test_step", self._make_eval_step(pl_module, "test_step"))
+            self._wrap_eval_step(pl_module, "test_step")
+
+    def _resolve_objective(self, pl_module: pl.LightningModule) -> TaskObjective:
+        """The objective for ``pl_module`` (kept across tasks while it stays the same kind)."""
+        if isinstance(self.objective, TaskObjective):
+            objective = self.objective
+        else:
+            objective = resolve_objective(self.objective, pl_module)
+            if self._objective is not None and type(self._objective) is type(objective):
+                objective = self._objective
+        if objective is not self._objective:
+            objective.configure(self.tasks, self.bound, self.bound_per_sample)
+            self._objective = objective
+            self._val_metric = objective.new_metric()
+            self._test_metric = objective.new_metric()
+        return objective
+
+    def _wrap_eval_step(self, pl_module: pl.LightningModule, name: str) -> None:
+        if self._objective.replaces_eval_steps or self._user_step(pl_module, name) is None:
+            self._wrap(pl_module, name, self._make_eval_step(pl_module, name))
+
+    def _hooked_eval(self, name: str) -> bool:
+        """Whether the split metric of ``name``'s loop is collected by the batch-end hook (not a replaced step)."""
+        return self._objective is not None and name not in self._wrapped
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_methods(pl_module)
@@ -443,6 +525,20 @@ class GSLoRA(Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._test_metric.reset()
         self._test_metric.to(pl_module.device)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._hooked_eval("validation_step"):
+            self._update_from_hook(trainer, pl_module, self._val_metric, batch)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._hooked_eval("test_step"):
+            self._update_from_hook(trainer, pl_module, self._test_metric, batch)
+
+    def _update_from_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: Any, batch: Any) -> None:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            self._objective.update_metric(metric, pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -525,9 +621,15 @@ class GSLoRA(Callback):
             self._sync_datamodule(trainer)
 
     # ---------------------------------------------------------------------------------------------- LoRA + freeze
+    def _lora_target(self, pl_module: pl.LightningModule) -> Any:
+        if self.target is not None or self._objective is None:
+            return self.target
+        return self._objective.lora_target(pl_module)
+
     def _attach_lora(self, pl_module: pl.LightningModule) -> None:
-        layers = find_target_layers(pl_module, self.target)
-        adapters = inject_lora(pl_module, self.target, self.rank, self.lora_alpha)
+        target = self._lora_target(pl_module)
+        layers = find_target_layers(pl_module, target)
+        adapters = inject_lora(pl_module, target, self.rank, self.lora_alpha)
         for i, adapter in enumerate(adapters.values()):
             if not bool(adapter.lora_B.detach().any()):
                 # no pending update, so re-drawing A changes nothing now and makes it independent of the global RNG
@@ -589,10 +691,8 @@ class GSLoRA(Callback):
             if original is not None:
                 extra = () if dataloader_idx is None else (dataloader_idx,)
                 output = original(batch, batch_idx, *extra)
-            inputs, labels = _unpack(batch, "evaluation")
             with torch.no_grad():
-                logits = self._logits(pl_module, inputs, labels)
-            metric.update(logits, labels)
+                self._objective.update_metric(metric, pl_module, batch)
             return output
 
         return eval_step
@@ -631,93 +731,26 @@ class GSLoRA(Callback):
     # ---------------------------------------------------------------------------------------------- the objective
     def _training_step(self, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
         task_view = self.task_view(self.task_index)
-        x_r, y_r, x_f, y_f = _split_training_batch(batch, task_view)
-        if isinstance(x_r, torch.Tensor) and isinstance(x_f, torch.Tensor) and x_r.shape[1:] == x_f.shape[1:]:
-            inputs, labels = torch.cat([x_r, x_f]), torch.cat([y_r, y_f])
-            logits = self._logits(pl_module, inputs, labels)
-            logits_r, logits_f = logits[: len(y_r)], logits[len(y_r):]
-        else:
-            inputs, labels = None, None
-            logits_r = self._logits(pl_module, x_r, y_r)
-            logits_f = self._logits(pl_module, x_f, y_f)
-        prototype_term = None
+        prototypes = None
         if self.prototypes:
-            if inputs is not None:
-                embeddings = self._embed(pl_module, inputs)
-                emb_r, emb_f = embeddings[: len(y_r)], embeddings[len(y_r):]
-            else:
-                emb_r, emb_f = self._embed(pl_module, x_r), self._embed(pl_module, x_f)
-            emb_f, proto_f = self._with_prototypes(emb_f, y_f)
-            emb_r, proto_r = self._with_prototypes(emb_r, y_r)
-            prototype_term = prototype_loss(
-                emb_f, proto_f, emb_r, proto_r, self.proto_bound, self.proto_forget_weights[self.task_index],
-                self.proto_retain_weight, self.proto_distance,
-            )
-        loss = gslora_loss(
-            logits_r, y_r, logits_f, y_f, list(self._groups.values()),
-            beta=self.betas[self.task_index], bound=self.bound, alpha=0.0 if self.proximal else self._alpha_now,
-            prototype_term=prototype_term, bound_per_sample=self.bound_per_sample,
-        )
-        if self.early_stop and len(y_f):
+            prototypes = PrototypeSpec(self._prototype_classes, self._prototype_values, self.proto_bound,
+                                       self.proto_forget_weights[self.task_index], self.proto_retain_weight,
+                                       self.proto_distance)
+        context = StepContext(task_view, beta=self.betas[self.task_index],
+                              alpha=0.0 if self.proximal else self._alpha_now, alpha_now=self._alpha_now,
+                              groups=list(self._groups.values()), prototypes=prototypes)
+        loss = self._objective.training_loss(pl_module, batch, context)
+        if self.early_stop and loss.forget_samples:
             term = loss.forget.detach()
             self._forget_sum = term if self._forget_sum is None else self._forget_sum + term
             self._forget_steps += 1
-        size = len(y_r) + len(y_f)
-        values = {"loss": loss.total, "retain_ce": loss.retain, "forget_term": loss.forget,
-                  "group_lasso": loss.structure, "alpha": self._alpha_now}
-        if loss.forget_ce is not None:
-            values["forget_ce"] = loss.forget_ce
-        if self.prototypes:
-            values["prototype_term"] = loss.prototype
-        pl_module.log_dict({f"gslora/{k}": v for k, v in values.items()}, batch_size=size,
+        pl_module.log_dict({f"gslora/{k}": v for k, v in loss.values.items()}, batch_size=loss.size,
                            prog_bar=False, on_step=True, on_epoch=False)
-        pl_module.log("gslora/loss_epoch", loss.total, batch_size=size, on_step=False, on_epoch=True, prog_bar=True)
+        pl_module.log("gslora/loss_epoch", loss.total, batch_size=loss.size, on_step=False, on_epoch=True,
+                      prog_bar=True)
         return loss.total
 
-    def _logits(self, pl_module: pl.LightningModule, inputs: Any, labels: torch.Tensor) -> torch.Tensor:
-        output = pl_module(inputs)
-        name = type(pl_module).__name__
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"GSLoRA needs {name}.forward(x) to return class logits, a tensor [batch, num_classes]; it returned "
-                f"a {type(output).__name__}. Make forward return the logits (put extra outputs in other methods, "
-                "e.g. embed(x) for the prototype features)"
-            )
-        if output.ndim != 2 or output.shape[0] != labels.shape[0] or not output.is_floating_point():
-            raise ValueError(
-                f"GSLoRA needs {name}.forward(x) to return float class logits of shape [batch, num_classes] = "
-                f"[{labels.shape[0]}, C]; got a {output.dtype} tensor of shape {list(output.shape)}"
-            )
-        classes = output.shape[1]
-        if self._logits_classes != classes:
-            check_class_range(self.tasks, classes, f"{name}.forward returns {classes} logits")
-            self._logits_classes = classes
-        if labels.numel() and int(labels.max()) >= classes:
-            raise ValueError(
-                f"a batch holds label {int(labels.max())}, but {name}.forward returns only {classes} logits; labels "
-                f"must be in [0, {classes - 1}]"
-            )
-        return output
-
-    def _embed(self, pl_module: pl.LightningModule, inputs: Any) -> torch.Tensor:
-        embeddings = pl_module.embed(inputs)
-        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
-            shape = list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-            raise ValueError(
-                f"{type(pl_module).__name__}.embed(x) must return features of shape [batch, d]; got {shape}"
-            )
-        return embeddings
-
-    def _with_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the samples whose class has a prototype, and those prototypes."""
-        classes = self._prototype_classes.to(labels.device)
-        values = self._prototype_values.to(embeddings.device)
-        match = labels.unsqueeze(1) == classes.unsqueeze(0)
-        has = match.any(dim=1)
-        return embeddings[has], values[match[has].float().argmax(dim=1)]
-
     # ------------------------------------------------------------------------------------------------ prototypes
-    @torch.no_grad()
     def _compute_prototypes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = self._datamodule()
         if callable(getattr(datamodule, "prototype_dataloader", None)):
@@ -726,57 +759,18 @@ class GSLoRA(Callback):
             loaders = _flatten_loaders(trainer.train_dataloader)
             self._warn_once("proto-loaders", "GSLoRA: the datamodule has no prototype_dataloader(); prototypes are "
                             "computed over one pass of each training dataloader")
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = {}
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                for loader in loaders:
-                    for batch in loader:
-                        parts = batch.values() if isinstance(batch, Mapping) else [batch]
-                        for part in parts:
-                            inputs, labels = _unpack(trainer.strategy.batch_to_device(part, pl_module.device),
-                                                     "prototype")
-                            embeddings = self._embed(pl_module, inputs).float()
-                            for label in labels.unique().tolist():
-                                rows = embeddings[labels == label]
-                                sums[label] = sums.get(label, 0) + rows.sum(dim=0)
-                                counts[label] = counts.get(label, 0) + rows.shape[0]
-        finally:
-            pl_module.train(was_training)
-        if trainer.world_size > 1:
-            sums, counts = _all_reduce_class_sums(trainer, sums, counts)
-        if not sums:
-            raise RuntimeError("GSLoRA++ found no training samples to build class prototypes from")
-        classes = sorted(sums)
-        self._prototype_classes = torch.tensor(classes, dtype=torch.long)
-        self._prototype_values = torch.stack([sums[c] / counts[c] for c in classes]).cpu()
+        self._prototype_classes, self._prototype_values = class_prototypes(trainer, pl_module, loaders)
         self._prototype_task = self.task_index
-        log.info("GSLoRA++ task %d: prototypes of %d classes (dim %d)", self.task_index, len(classes),
-                 self._prototype_values.shape[1])
+        log.info("GSLoRA++ task %d: prototypes of %d classes (dim %d)", self.task_index,
+                 len(self._prototype_classes), self._prototype_values.shape[1])
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
                   task_view: TaskView) -> Optional[dict]:
         loaders = self._eval_loaders(trainer, stage)
         if loaders is None:
             return None
-        metric = LabelledCorrect().to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                for loader in loaders:
-                    for batch in loader:
-                        inputs, labels = _unpack(trainer.strategy.batch_to_device(batch, pl_module.device),
-                                                 "evaluation")
-                        metric.update(self._logits(pl_module, inputs, labels), labels)
-        finally:
-            pl_module.train(was_training)
-        labels, correct = metric.compute()
-        return split_accuracies(labels, correct, task_view)
+        return evaluate_split_metrics(trainer, pl_module, self._objective, loaders, task_view)
 
     def _eval_loaders(self, trainer: pl.Trainer, stage: str) -> Optional[list]:
         datamodule = self._datamodule()
@@ -797,21 +791,22 @@ class GSLoRA(Callback):
             )
         return _flatten_loaders(datamodule.test_dataloader())
 
-    def _log_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: LabelledCorrect, kind: str,
+    def _log_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: Any, kind: str,
                   stage: str) -> None:
-        labels, correct = metric.compute()
-        metric.reset()
-        if labels.numel() == 0:
+        if self._objective is None or not self._objective.measured(metric):
+            metric.reset()
             return
+        objective = self._objective
         fitting = kind == "val"
         index = self.task_index if fitting or self.task_index == 0 else self.task_index - 1
         index = min(index, self.num_tasks - 1)
         task_view = self.task_view(index)
-        row = self._row(kind, stage, task_view, trainer, split_accuracies(labels, correct, task_view),
-                        with_groups=fitting)
+        metrics = objective.compute_metric(metric, task_view)
+        metric.reset()
+        row = self._row(kind, stage, task_view, trainer, metrics, with_groups=fitting)
         self.history.append(row)
         if fitting:
-            self._last_val = (trainer.global_step, row.get("acc_f"))
+            self._last_val = (trainer.global_step, row.get(objective.metric_keys[0]))
         prefix = "gslora" if fitting else f"gslora_{kind}"
         pl_module.log_dict({f"{prefix}/{k}": float(v) for k, v in _loggable(row).items()}, sync_dist=False)
         self._write_report(trainer, plots=False)
@@ -819,17 +814,20 @@ class GSLoRA(Callback):
     def _row(self, kind: str, stage: str, task_view: TaskView, trainer: pl.Trainer, accuracies: dict,
              with_groups: bool) -> dict[str, Any]:
         before = (self._before.get(task_view.index) or {}).get(stage) or {}
-        drop, h = drop_and_h(accuracies.get("acc_f"), accuracies.get("acc_r"), before.get("acc_f"))
+        keys = self._metric_keys()
+        drop, h = drop_and_h(accuracies.get(keys[0]), accuracies.get(keys[1]), before.get(keys[0]))
         row: dict[str, Any] = {
             "task": task_view.index, "kind": kind, "stage": stage,
             "forgotten": sorted(task_view.forgotten), "epoch": trainer.current_epoch, "step": trainer.global_step,
             **accuracies, "drop": drop, "h": h,
-            "acc_f_before": before.get("acc_f"), "acc_r_before": before.get("acc_r"),
-            "acc_o_before": before.get("acc_o"), "acc_m_before": before.get("acc_m"),
+            **{f"{key}_before": before.get(key) for key in keys},
         }
         if with_groups and self._groups:
             row.update(self._group_stats())
         return row
+
+    def _metric_keys(self) -> tuple[str, ...]:
+        return self._objective.metric_keys if self._objective is not None else ("acc_f", "acc_r", "acc_o", "acc_m")
 
     def _group_stats(self) -> dict[str, Any]:
         norms = group_norms(self._groups)
@@ -864,9 +862,10 @@ class GSLoRA(Callback):
         if self.eval_test:
             test_after = self._evaluate(trainer, pl_module, "test", task_view) or {}
             test_before = (self._before.get(index) or {}).get("test") or {}
-            drop, h = drop_and_h(test_after.get("acc_f"), test_after.get("acc_r"), test_before.get("acc_f"))
+            keys = self._metric_keys()
+            drop, h = drop_and_h(test_after.get(keys[0]), test_after.get(keys[1]), test_before.get(keys[0]))
             row.update({f"test_{k}": v for k, v in test_after.items()})
-            row.update({f"test_{k}_before": test_before.get(k) for k in ("acc_f", "acc_r", "acc_o", "acc_m")})
+            row.update({f"test_{k}_before": test_before.get(k) for k in keys})
             row.update({"test_drop": drop, "test_h": h})
         self.history.append(row)
         self.task_index += 1
@@ -903,18 +902,20 @@ class GSLoRA(Callback):
                             "be checked and every task runs to max_epochs; give the Trainer or datamodule "
                             "validation data with the forgotten classes")
             return
-        at_bound = term <= self.stop_saturation * self.bound
+        bound = self._objective.saturation_bound
+        at_bound = bound is not None and term <= self.stop_saturation * bound
         flat = (self.stop_plateau > 0 and previous is not None and previous > 0
                 and previous - term < self.stop_plateau * previous)
-        forgotten = acc_f <= self.stop_forget_acc
+        threshold, threshold_name = self._forget_threshold()
+        forgotten = acc_f <= threshold
         if not trainer.strategy.reduce_boolean_decision(forgotten and (at_bound or flat), all=True):
             return
         epoch = trainer.current_epoch
         if at_bound:
-            why = f"at the bound ({term:.4g} <= stop_saturation {self.stop_saturation:g} x bound {self.bound:g})"
+            why = f"at the bound ({term:.4g} <= stop_saturation {self.stop_saturation:g} x bound {bound:g})"
         else:
             why = (f"flat ({previous:.4g} -> {term:.4g}, less than stop_plateau {self.stop_plateau:g} lower; "
-                   f"bound {self.bound:g})")
+                   + (f"bound {bound:g})" if bound is not None else "no bound)"))
         # the cool-down: stop_cooldown more epochs in which the callback's schedule anneals the learning rate to
         # min_lr (not past the cap; none when the module's own optimizer is used, lr=None)
         cooldown = 0
@@ -922,10 +923,11 @@ class GSLoRA(Callback):
             left = trainer.max_epochs - 1 - epoch if trainer.max_epochs is not None and trainer.max_epochs >= 0 \
                 else self.stop_cooldown
             cooldown = max(0, min(self.stop_cooldown, left))
-        self._stop = {"epoch": epoch, "acc_f": acc_f, "forget_term": term,
+        self._stop = {"epoch": epoch, self._metric_keys()[0]: acc_f, "forget_term": term,
                       "saturation": "bound" if at_bound else "plateau", "cooldown": cooldown}
-        condition = (f"Acc_f {acc_f:.2f} % <= stop_forget_acc {self.stop_forget_acc:g} % and the forgetting loss "
-                     f"(epoch mean of ReLU(bound - CE)) is {why}")
+        what = "ReLU(bound - CE)" if self._objective.name == "classification" else "the forgetting term"
+        condition = (f"{self._objective.forget_label} {acc_f:.2f} % <= {threshold_name} {threshold:g} % and the "
+                     f"forgetting loss (epoch mean of {what}) is {why}")
         if cooldown:
             steps = max(1, trainer.global_step - self._epoch_first_step) * cooldown
             self._cooldown = {"start": int(self._scheduler.last_epoch), "steps": int(steps),
@@ -942,13 +944,23 @@ class GSLoRA(Callback):
             f"{condition}"
         )
 
+    def _forget_threshold(self) -> tuple[float, str]:
+        """The forgotten split's metric at or below which ``early_stop`` counts the task as forgotten."""
+        if self._objective.name == "classification" or self._metric_keys()[0] == "acc_f":
+            return self.stop_forget_acc, "stop_forget_acc"
+        if self.stop_forget_ap is not None:
+            return self.stop_forget_ap, "stop_forget_ap"
+        key = self._metric_keys()[0]
+        before = ((self._before.get(self.task_index) or {}).get("val") or {}).get(key)
+        return (0.1 * before if before is not None else 0.0), "10 % of the value before the task"
+
     def _epoch_acc_f(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[float]:
         """Acc_f of this epoch: from the validation that ran after its last step, else measured now."""
         if self._last_val is not None and self._last_val[0] == trainer.global_step:
             return self._last_val[1]
         task_view = self.task_view(self.task_index)
         accuracies = self._evaluate(trainer, pl_module, "val", task_view)
-        acc_f = (accuracies or {}).get("acc_f")
+        acc_f = (accuracies or {}).get(self._metric_keys()[0])
         self._last_val = (trainer.global_step, acc_f)
         return acc_f
 
@@ -1091,80 +1103,3 @@ class _PerTask:
 
     def __getitem__(self, task: int) -> float:
         return self.values[task] if self.per_task else self.values[0]
-
-
-def _unpack(batch: Any, what: str) -> tuple[Any, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
-        labels = batch[1]
-        if labels.ndim == 1 and not labels.is_floating_point():
-            return batch[0], labels.long()
-    raise TypeError(
-        f"GSLoRA needs {what} batches (x, y) with integer class labels y of shape [batch]; got "
-        f"{_describe(batch)}"
-    )
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"a tensor of shape {list(batch.shape)}"
-    if isinstance(batch, Mapping):
-        return f"a dict with keys {sorted(map(str, batch))}"
-    if isinstance(batch, (tuple, list)):
-        parts = [f"tensor{list(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__ for b in batch]
-        return f"a {type(batch).__name__} ({', '.join(parts)})"
-    return f"a {type(batch).__name__}"
-
-
-def _split_training_batch(batch: Any, task_view: TaskView) -> tuple[Any, torch.Tensor, Any, torch.Tensor]:
-    """``(x_retain, y_retain, x_forget, y_forget)`` from a ``{"retain", "forget"}`` or an ``(x, y)`` batch."""
-    if isinstance(batch, Mapping):
-        if set(batch) != {"retain", "forget"}:
-            raise TypeError(
-                f"GSLoRA training batches that are dicts must have exactly the keys 'retain' and 'forget'; got "
-                f"{sorted(map(str, batch))}"
-            )
-        x_r, y_r = _unpack(batch["retain"], "retain")
-        x_f, y_f = _unpack(batch["forget"], "forget")
-        return x_r, y_r, x_f, y_f
-    inputs, labels = _unpack(batch, "training")
-    forgotten = task_view.forgotten | task_view.old
-    mask = torch.isin(labels, torch.tensor(sorted(forgotten), device=labels.device, dtype=labels.dtype))
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"GSLoRA splits (x, y) batches by label and needs x to be a tensor; got {_describe(inputs)}")
-    return inputs[~mask], labels[~mask], inputs[mask], labels[mask]
-
-
-def _flatten_loaders(loaders: Any) -> list:
-    if loaders is None:
-        return []
-    if isinstance(loaders, CombinedLoader):
-        return list(loaders.flattened)
-    if isinstance(loaders, Mapping):
-        return [dl for value in loaders.values() for dl in _flatten_loaders(value)]
-    if isinstance(loaders, (list, tuple)):
-        return [dl for value in loaders for dl in _flatten_loaders(value)]
-    return [loaders]
-
-
-def _loggable(row: dict[str, Any]) -> dict[str, float]:
-    skip = {"task", "kind", "stage", "forgotten", "epoch", "step"}
-    return {k: v for k, v in row.items()
-            if k not in skip and not k.startswith("n_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _all_reduce_class_sums(trainer: pl.Trainer, sums: dict[int, torch.Tensor],
-                           counts: dict[int, int]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
-    device = trainer.strategy.root_device
-    local_max = torch.tensor(max(sums) if sums else -1, device=device)
-    num = int(trainer.strategy.reduce(local_max, reduce_op="max")) + 1
-    dim = torch.tensor(next(iter(sums.values())).shape[0] if sums else 0, device=device)
-    dim = int(trainer.strategy.reduce(dim, reduce_op="max"))
-    total = torch.zeros(num, dim, device=device)
-    number = torch.zeros(num, device=device)
-    for label, value in sums.items():
-        total[label] = value.to(device)
-        number[label] = counts[label]
-    total = trainer.strategy.reduce(total, reduce_op="sum")
-    number = trainer.strategy.reduce(number, reduce_op="sum")
-    present = (number > 0).nonzero().flatten().tolist()
-    return {c: total[c] for c in present}, {c: int(number[c]) for c in present}

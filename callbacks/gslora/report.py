@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any, Iterable, Optional, Sequence
 
-TABLE_COLUMNS = ("task", "forgotten", "acc_f_before", "acc_f", "acc_r_before", "acc_r", "acc_o", "acc_m", "h",
+TABLE_COLUMNS = ("task", "forgotten", "acc_f_before", "acc_f", "acc_r_before", "acc_r", "acc_o", "acc_m",
+                 "ap_f_before", "ap_f", "ap_r_before", "ap_r", "ap_o", "h",
                  "zero_group_ratio", "trainable_ratio", "epochs", "stopped_by", "seconds")
 
 ADAPTED_LAYERS_FILE = "adapted_layers.csv"
@@ -69,12 +70,14 @@ def plot_history(history: Sequence[dict[str, Any]], directory: str) -> list[str]
         xs = [row["task"] for row in tasks]
         for key, label, style in (("acc_f", "Acc_f", "o-"), ("acc_r", "Acc_r", "s-"), ("acc_o", "Acc_o", "^-"),
                                   ("acc_m", "Acc_m", "d-"), ("acc_f_before", "Acc_f before", "o:"),
-                                  ("acc_r_before", "Acc_r before", "s:")):
+                                  ("acc_r_before", "Acc_r before", "s:"), ("ap_f", "AP_f", "o-"),
+                                  ("ap_r", "AP_r", "s-"), ("ap_o", "AP_o", "^-"), ("ap_f_before", "AP_f before", "o:"),
+                                  ("ap_r_before", "AP_r before", "s:")):
             ys = [row.get(key) for row in tasks]
             if any(y is not None for y in ys):
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
         ax.set_xlabel("task")
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("AP (%)" if any(row.get("ap_f") is not None for row in tasks) else "top-1 accuracy (%)")
         ax.set_xticks(xs)
         ax.set_ylim(-2, 102)
         ax.set_title("Accuracy after each forgetting task")
@@ -103,7 +106,8 @@ def plot_history(history: Sequence[dict[str, Any]], directory: str) -> list[str]
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
         xs = list(range(len(curves)))
-        for key, label in (("acc_f", "Acc_f"), ("acc_r", "Acc_r"), ("acc_o", "Acc_o"), ("h", "H")):
+        for key, label in (("acc_f", "Acc_f"), ("acc_r", "Acc_r"), ("acc_o", "Acc_o"), ("ap_f", "AP_f"),
+                           ("ap_r", "AP_r"), ("ap_o", "AP_o"), ("h", "H")):
             ys = [row.get(key) for row in curves]
             if any(y is not None for y in ys):
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], label=label)
@@ -128,7 +132,8 @@ def _save(fig: Any, directory: str, name: str) -> str:
     return path
 
 
-def format_row(row: dict[str, Any], columns: Iterable[str] = ("acc_f", "acc_r", "acc_o", "acc_m", "h")) -> str:
+def format_row(row: dict[str, Any],
+               columns: Iterable[str] = ("acc_f", "acc_r", "acc_o", "acc_m", "ap_f", "ap_r", "ap_o", "h")) -> str:
     """``acc_f=0.00 acc_r=97.10 ...`` for the columns present in ``row``."""
     return " ".join(f"{k}={_fmt(row.get(k))}" for k in columns if row.get(k) is not None)
 
