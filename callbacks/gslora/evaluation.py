@@ -30,7 +30,8 @@ def evaluate_split_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, o
         with trainer.precision_plugin.forward_context():
             for loader in loaders:
                 for batch in loader:
-                    objective.update_metric(metric, pl_module, trainer.strategy.batch_to_device(batch, pl_module.device))
+                    on_device = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    objective.update_metric(metric, pl_module, on_device)
     finally:
         pl_module.train(was_training)
     return objective.compute_metric(metric, task_view)

@@ -297,7 +297,8 @@ def _metric_target(target: Target, num_classes: int) -> Target:
 def _read_category_map(datamodule: Any) -> tuple[Optional[list[int]], Optional[list[str]]]:
     """``(category ids, names)`` per contiguous label from ``datamodule.category_map()``, whichever it gives.
 
-    Accepted shapes: ``{"category_ids": [...], "class_names": [...]}`` (index = label), ``{label: category_id}``, ``{label: name}``, ``{label: (category_id, name)}``,
+    Accepted shapes: ``{"category_ids": [...], "class_names": [...]}`` (index = label), ``{label: category_id}``,
+    ``{label: name}``, ``{label: (category_id, name)}``,
     ``{label: {"id": ..., "name": ...}}``, or ``{category_id: label}`` when the values are the labels 0..C-1.
     """
     getter = getattr(datamodule, "category_map", None)

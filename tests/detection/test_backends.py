@@ -220,7 +220,8 @@ def test_transformers_weighted_terms_sum_to_library_loss():
 def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown detection backend 'torchvison'.*did you mean 'torchvision'"):
         build_backend("torchvison", "fcos", 3)
-    with pytest.raises(ValueError, match=r"unknown torchvision detection model 'fcoss'.*'fasterrcnn'.*did you mean 'fcos'"):
+    message = r"unknown torchvision detection model 'fcoss'.*'fasterrcnn'.*did you mean 'fcos'"
+    with pytest.raises(ValueError, match=message):
         build_backend("torchvision", "fcoss", 3)
     with pytest.raises(ValueError, match=r"unknown transformers detection model 'dter'.*did you mean 'detr'"):
         build_backend("transformers", "dter", 3)

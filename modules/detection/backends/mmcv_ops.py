@@ -159,7 +159,8 @@ def _ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_
 
 
 def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                           sampling_loc: torch.Tensor, attn_weight: torch.Tensor, im2col_step: int = 64) -> torch.Tensor:
+                           sampling_loc: torch.Tensor, attn_weight: torch.Tensor,
+                           im2col_step: int = 64) -> torch.Tensor:
     """Multi-scale deformable attention, ``[bs, num_queries, embed_dims]`` (``im2col_step`` is a CUDA detail)."""
     with torch.no_grad():
         return _ms_deform_attn(value, spatial_shapes, sampling_loc, attn_weight)
