@@ -220,6 +220,9 @@ class FaceDataModule(pl.LightningDataModule):
                 raise FileNotFoundError(f"verification set {path} does not exist (expected an InsightFace .bin file)")
         self.image_size = image_size or (32 if self.kind == EMBEDDED else 112)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.val_fraction, self.test_fraction, self.flip = val_fraction, test_fraction, flip
+        self.train_identities, self.train_views, self.eval_views = train_identities, train_views, eval_views
+        self.align, self.align_cache_dir = align, align_cache_dir
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -245,7 +248,7 @@ class FaceDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         if self.kind == EMBEDDED:
-            return self.hparams.train_identities
+            return self.train_identities
         if self.kind == "record":
             return self._record_dataset().num_classes
         if not self.identities:
@@ -285,16 +288,16 @@ class FaceDataModule(pl.LightningDataModule):
                  len(self.test_set), self._pair_names() or "none")
 
     def _setup_embedded(self) -> None:
-        hp = self.hparams
-        split = instance_identity_split(hp.train_identities, hp.train_views, hp.eval_views, self.image_size, hp.seed)
+        split = instance_identity_split(self.train_identities, self.train_views, self.eval_views, self.image_size,
+                                        self.seed)
         normalize = ToModelInput(self.image_size)
-        names = [f"lfw_subset_{i:03d}" for i in range(hp.train_identities)]
+        names = [f"lfw_subset_{i:03d}" for i in range(self.train_identities)]
         self.identities = names
         self.train_set = LabelledImageDataset(*split.train, names, normalize)
         self.val_set = LabelledImageDataset(*split.val, names, normalize)
         self.test_set = LabelledImageDataset(*split.test, names, normalize)
         for stage, (images, labels) in (("val", split.heldout_val), ("test", split.heldout_test)):
-            pairs, issame = heldout_pairs(labels, hp.seed)
+            pairs, issame = heldout_pairs(labels, self.seed)
             self.heldout_pairs[stage] = VerificationPairs(images[pairs.flatten()], issame, self.image_size)
 
     def _setup_identities(self) -> None:
@@ -308,14 +311,13 @@ class FaceDataModule(pl.LightningDataModule):
             self.identities = [str(i) for i in range(max(targets) + 1)]
         else:
             paths, targets = self._load_identities()
-            if self.hparams.align:
+            if self.align:
                 images, targets = self._aligned(paths, targets)
                 full = LabelledImageDataset(images, targets, self.identities, ToModelInput(self.image_size))
             else:
                 full = FaceFolderDataset(paths, targets, ToModelInput(self.image_size))
-        hp = self.hparams
-        fractions = (1.0 - hp.val_fraction - hp.test_fraction, hp.val_fraction, hp.test_fraction)
-        train_idx, val_idx, test_idx = stratified_split(targets, fractions, hp.seed)
+        fractions = (1.0 - self.val_fraction - self.test_fraction, self.val_fraction, self.test_fraction)
+        train_idx, val_idx, test_idx = stratified_split(targets, fractions, self.seed)
         self.train_set, self.val_set, self.test_set = (Subset(full, idx) for idx in (train_idx, val_idx, test_idx))
 
     def _record_dataset(self) -> InsightFaceRecordDataset:
@@ -340,7 +342,7 @@ class FaceDataModule(pl.LightningDataModule):
     def _aligned(self, paths: list[Path], targets: list[int]) -> tuple[torch.Tensor, list[int]]:
         from lightning_plugins.modules.face.align import FaceAligner
 
-        cache = self.hparams.align_cache_dir or Path(
+        cache = self.align_cache_dir or Path(
             os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "lightning-plugins", "face-align")
         aligner = FaceAligner(image_size=self.image_size, cache_dir=cache)
         faces = aligner.align_files(paths)
@@ -355,7 +357,7 @@ class FaceDataModule(pl.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        collate = AugmentingCollate(RandomHorizontalFlip()) if self.hparams.flip else None
+        collate = AugmentingCollate(RandomHorizontalFlip()) if self.flip else None
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=self.num_workers > 0)

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 IDENTIFICATION = "identification"
 
+# The layers forgetting callbacks (GSLoRA) should adapt, for backbones of the project ViT: every block's FFN, and for
+# the hybrid ViT also the readout projection that turns the tokens into the embedding (with the FFNs alone a
+# well-trained face model keeps 20-24 % of the identities it is asked to forget: benchmarks/face_forgetting.py).
+VIT_FFN_TARGET = r"(?P<block>(?:.*\.)?blocks\.\d+)\.mlp\.fc[12]"
+READOUT_TARGET = r"(?P<block>(?:.*\.)?readout)\.proj"
+
 
 class FaceRecognizer(pl.LightningModule):
     """Face recognition: ``backbone -> embedding [B, d] -> margin head`` (CosFace by default), AdamW, warm-up + cosine.
@@ -50,7 +56,8 @@ class FaceRecognizer(pl.LightningModule):
         margins: ``(m1, m2, m3)`` for ``head="combined"``.
         logit_scale: scale of the margin-free logits returned by ``forward`` (``None``: ``scale``). Accuracy does
             not depend on it. Lower it (e.g. 8) before forgetting a well-trained model with ``GSLoRA``: at s=30 the
-            softmax of a confident model is saturated and a bounded forgetting loss gets no gradient.
+            softmax of a confident model is saturated and a bounded forgetting loss gets no gradient. It can be
+            set later (``model.logit_scale = 8``); the value is saved in the checkpoint's hyperparameters.
         lr: peak AdamW learning rate (``None``: 3e-3 for ViT backbones, 1e-3 otherwise).
         weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
         warmup_fraction: share of the steps spent warming the LR up.
@@ -110,12 +117,35 @@ class FaceRecognizer(pl.LightningModule):
         self.logit_scale = logit_scale
         self.lr = (3e-3 if is_vit else 1e-3) if lr is None else lr
         self.fars = tuple(float(far) for far in fars)
+        self.flip_eval = flip_eval
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.verification = nn.ModuleDict()
 
     # -- model ----------------------------------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> Optional[float]:
+        """Scale of the margin-free logits of ``forward`` (``None``: the head's ``scale``)."""
+        return self._logit_scale
+
+    @logit_scale.setter
+    def logit_scale(self, value: Optional[float]) -> None:
+        if value is not None and not value > 0:
+            raise ValueError(f"logit_scale must be > 0, got {value!r}")
+        self._logit_scale = None if value is None else float(value)
+        self.hparams["logit_scale"] = self._logit_scale  # so that a checkpoint restores it
+
+    @property
+    def gslora_target(self) -> Optional[list[str]]:
+        """The ``nn.Linear`` layers a forgetting callback should adapt (GSLoRA reads it when its ``target`` is unset):
+        the project ViT's FFNs, plus the hybrid ViT's readout projection; ``None`` (the callback's defaults) for
+        other backbones."""
+        if not any(name.endswith("mlp.fc1") for name, _ in self.backbone.named_modules()):
+            return None
+        has_readout = any(name == "readout.proj" for name, _ in self.backbone.named_modules())
+        return [VIT_FFN_TARGET, READOUT_TARGET] if has_readout else [VIT_FFN_TARGET]
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The un-normalised embedding ``[B, d]``."""
         features = self.backbone(images)
@@ -130,7 +160,7 @@ class FaceRecognizer(pl.LightningModule):
     def verification_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings ``[B, d]``; with ``flip_eval`` the sum of the image's and its mirror's."""
         features = self.embed(images)
-        if self.hparams.flip_eval:
+        if self.flip_eval:
             features = features + self.embed(images.flip(-1))
         return nn.functional.normalize(features, dim=1)
 
