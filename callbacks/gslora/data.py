@@ -94,6 +94,20 @@ def class_split_indices(targets: Sequence[int], view: TaskView) -> dict[str, lis
     return out
 
 
+def draw_members(members: Sequence[int], seed: tuple[int, ...], shots: Optional[int], ratio: float,
+                 what: str) -> list[int]:
+    """A seeded draw from one class's sample indices: ``shots`` of them (all, with a warning naming ``what``, if
+    there are fewer) or ``max(1, round(ratio * n))``. The order depends only on ``seed`` (e.g. seed, task, class)."""
+    shuffled = torch.tensor(list(members))
+    generator = torch.Generator().manual_seed(_mix(*seed))
+    shuffled = shuffled[torch.randperm(len(shuffled), generator=generator)].tolist()
+    if shots is None:
+        return shuffled[:max(1, round(ratio * len(shuffled)))]
+    if len(shuffled) < shots:
+        log.warning("%s, fewer than shots=%d: using all", what % len(shuffled), shots)
+    return shuffled[:shots]
+
+
 @dataclass(frozen=True)
 class TaskSamples:
     """Training indices of one task: ``forget`` and ``retain`` (replay), each sorted."""
@@ -134,18 +148,10 @@ def select_task_samples(
         split = view.split_of(label)
         if split in ("old", "missing"):
             continue
-        members = torch.tensor(by_class[label])
-        generator = torch.Generator().manual_seed(_mix(seed, view.index, label))
-        members = members[torch.randperm(len(members), generator=generator)].tolist()
-        if shots is not None:
-            if len(members) < shots:
-                log.warning("class %d has %d training samples, fewer than shots=%d: using all", label,
-                            len(members), shots)
-            count = min(shots, len(members))
-        else:
-            ratio = forget_ratio if split == "forgotten" else replay_ratio
-            count = max(1, round(ratio * len(members)))
-        (forget if split == "forgotten" else retain).extend(members[:count])
+        ratio = forget_ratio if split == "forgotten" else replay_ratio
+        drawn = draw_members(by_class[label], (seed, view.index, label), shots, ratio,
+                             f"class {label} has %d training samples")
+        (forget if split == "forgotten" else retain).extend(drawn)
     if not retain:
         raise ValueError(
             f"task {view.index} leaves no retained class with training samples (all classes are forgotten, old or "

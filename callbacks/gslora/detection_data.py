@@ -34,7 +34,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_plugins.callbacks.gslora.data import SeededRandomSampler, _mix
+from lightning_plugins.callbacks.gslora.data import SeededRandomSampler, draw_members
 from lightning_plugins.callbacks.gslora.objectives import RETAINED_BOXES, RETAINED_LABELS
 from lightning_plugins.callbacks.gslora.tasks import TaskView
 
@@ -154,18 +154,10 @@ def select_detection_samples(labels_per_image: Sequence[set[int]], view: TaskVie
             continue
         if split == "retained":
             retained.append(label)
-        members = torch.tensor(by_class[label])
-        generator = torch.Generator().manual_seed(_mix(seed, view.index, label))
-        members = members[torch.randperm(len(members), generator=generator)].tolist()
-        if shots is not None:
-            if len(members) < shots:
-                log.warning("category %d is in %d training images, fewer than shots=%d: using all", label,
-                            len(members), shots)
-            count = min(shots, len(members))
-        else:
-            ratio = forget_ratio if split == "forgotten" else replay_ratio
-            count = max(1, round(ratio * len(members)))
-        (forget if split == "forgotten" else retain).update(members[:count])
+        ratio = forget_ratio if split == "forgotten" else replay_ratio
+        drawn = draw_members(by_class[label], (seed, view.index, label), shots, ratio,
+                             f"category {label} is in %d training images")
+        (forget if split == "forgotten" else retain).update(drawn)
     if not retain:
         raise ValueError(
             f"task {view.index} leaves no retained category in any training image; GS-LoRA needs replay data of at "
