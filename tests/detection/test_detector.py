@@ -1,7 +1,6 @@
 """``ObjectDetector``: Lightning training/evaluation over the detection backends, setup checks, FP8, and a slow
 quality run on the embedded MNIST scenes."""
 
-import importlib.util
 import time
 
 import lightning.pytorch as pl
