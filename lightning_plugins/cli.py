@@ -28,7 +28,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 # imported so that their classes can be named by their short class names in YAML
 import lightning_plugins.callbacks  # noqa: F401
 import lightning_plugins.modules  # noqa: F401
-from lightning_plugins.callbacks import ForgettingDataModule, GSLoRA, forget_sequence, format_table
+from lightning_plugins.callbacks import (
+    DetectionForgettingDataModule,
+    ForgettingDataModule,
+    GSLoRA,
+    forget_sequence,
+    format_table,
+)
 from lightning_plugins.callbacks.gslora.tasks import check_class_range
 from lightning_plugins.cli_errors import describe_parse_error
 from lightning_plugins.commands import DEBUG_ENV, DESCRIPTION, CommandError, maybe_run_command
@@ -188,7 +194,8 @@ class LightningPluginsCLI(LightningCLI):
         return self.trainer_class(**kwargs)
 
     def _pretrain(self, model: LightningModule, datamodule: Optional[LightningDataModule], epochs: int) -> None:
-        data = datamodule.datamodule if isinstance(datamodule, ForgettingDataModule) else datamodule
+        wrappers = (ForgettingDataModule, DetectionForgettingDataModule)
+        data = datamodule.datamodule if isinstance(datamodule, wrappers) else datamodule
         if data is None:
             raise ConfigurationError(
                 "pretrain_epochs needs a datamodule to train on: set data (e.g. ForgettingDataModule with "
