@@ -243,7 +243,9 @@ def fit_and_test(
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
-    (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    # one dict per test dataloader (e.g. identification + verification pairs): merged
+    metrics = {key: value for per_loader in cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+               for key, value in per_loader.items()}
     if save_weights is not None:
         Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
         torch.save(cli.model.state_dict(), save_weights)
