@@ -436,8 +436,8 @@ class FaceAligner:
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(paths, desc="align faces", unit="img")
-            except ImportError:
-                pass
+            except ImportError:  # no progress bar without tqdm; the summary line below is still logged
+                iterator = paths
         results = [self.align_file(p) for p in iterator]
         d = {k: self.stats[k] - before[k] for k in self.stats}
         logger.info("aligned %d files: %d faces, %d no face, %d cache hits, %d detector runs",

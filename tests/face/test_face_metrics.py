@@ -247,7 +247,7 @@ def test_ddp_two_process_gloo(tmp_path):
     scores, issame = _synthetic(n, seed=21)
     expected = _metric(torch.from_numpy(scores).float(), issame, fars=(1e-2,)).compute()
     for rank in range(2):
-        _assert_same_results(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+        _assert_same_results(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), expected)
     assert elapsed < 120
 
 
