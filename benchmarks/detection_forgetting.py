@@ -151,13 +151,17 @@ def forgetting_data(args: argparse.Namespace, data: COCODetectionDataModule) -> 
                                          batch_size=args.batch_size, eval_batch_size=16, seed=args.seed)
 
 
+def detection_objective(args: argparse.Namespace, mode: str) -> DetectionObjective:
+    return DetectionObjective(bound=args.bound, mode=mode, object_bound=args.object_bound)
+
+
 def run_gslora(args: argparse.Namespace, data, state, mode: str, name: str) -> list[dict]:
     pl.seed_everything(args.seed, verbose=False)
     model = fresh_model(args, state)
     fdata = forgetting_data(args, data)
     beta = args.beta if mode == "bounded" else args.background_beta
     lr = args.lr if mode == "bounded" else args.background_lr
-    callback = GSLoRA(args.tasks, objective=DetectionObjective(bound=args.bound, mode=mode), target=TARGETS[args.target],
+    callback = GSLoRA(args.tasks, objective=detection_objective(args, mode), target=TARGETS[args.target],
                       rank=args.rank, beta=beta, lr=lr, alpha=args.alpha, weight_decay=0.05,
                       early_stop=args.early_stop, stop_cooldown=args.cooldown, seed=args.seed,
                       output_dir=str(args.out / name), plots=True)
@@ -229,7 +233,7 @@ def run_finetune(args: argparse.Namespace, data, state) -> list[dict]:
     for index in range(len(args.tasks)):
         task_view = view(args.tasks, index)
         fdata.set_forgetting_task(index, sorted(task_view.forgotten), sorted(task_view.old))
-        module = FineTune(model, DetectionObjective(bound=args.bound, mode="bounded"), task_view, args.beta,
+        module = FineTune(model, detection_objective(args, "bounded"), task_view, args.beta,
                           args.finetune_lr)
         start = time.perf_counter()
         quiet_trainer(max_epochs=args.finetune_epochs, gradient_clip_val=10.0, default_root_dir=str(args.out)).fit(
@@ -366,6 +370,9 @@ def main() -> None:
     parser.add_argument("--background-beta", type=float, default=5.0)
     parser.add_argument("--background-lr", type=float, default=1e-2)
     parser.add_argument("--bound", type=float, default=1.5)
+    parser.add_argument("--object-bound", type=float, default=None,
+                        help="DetectionObjective(object_bound=...): bound the forgotten objects' own class "
+                             "log-probabilities (None: the paper's ReLU(BND - cls_f))")
     parser.add_argument("--alpha", type=float, default=1e-4)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--finetune-epochs", type=int, default=3)

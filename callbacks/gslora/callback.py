@@ -529,16 +529,17 @@ class GSLoRA(Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._hooked_eval("validation_step"):
-            self._update_from_hook(trainer, pl_module, self._val_metric, batch)
+            self._update_from_hook(trainer, pl_module, self._val_metric, batch, outputs)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._hooked_eval("test_step"):
-            self._update_from_hook(trainer, pl_module, self._test_metric, batch)
+            self._update_from_hook(trainer, pl_module, self._test_metric, batch, outputs)
 
-    def _update_from_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: Any, batch: Any) -> None:
+    def _update_from_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: Any, batch: Any,
+                          outputs: Any) -> None:
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            self._objective.update_metric(metric, pl_module, batch)
+            self._objective.update_metric(metric, pl_module, batch, outputs=outputs)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -30,6 +30,7 @@ Write a subclass of :class:`TaskObjective` for another kind of model and pass an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -48,6 +49,8 @@ from lightning_plugins.callbacks.gslora.tasks import TaskView, check_class_range
 OBJECTIVES = ("auto", "classification", "detection")
 DETECTION_MODES = ("bounded", "background")
 AUX_MODES = ("box", "cls", "ignore")
+#: the key of ``forgetting_losses(..., objects=...)``'s per-location log-probabilities of the given objects
+OBJECT_LOG_PROBS = "object_log_probs"
 
 #: the forgotten objects' annotations that :class:`DetectionForgettingDataModule` adds to every forget target,
 #: the retained objects of the same image (``mode="background"`` trains on these)
@@ -157,8 +160,10 @@ class TaskObjective:
         """A fresh metric collecting one validation/test pass."""
         raise NotImplementedError
 
-    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Add an evaluation batch (already on the module's device; called under ``no_grad``)."""
+    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any, outputs: Any = None) -> None:
+        """Add an evaluation batch (already on the module's device; called under ``no_grad``). ``outputs``: what the
+        module's own validation/test step returned for the batch (``None`` when it did not run), which an objective
+        may reuse instead of running the model again."""
         raise NotImplementedError
 
     def measured(self, metric: Metric) -> bool:
@@ -273,7 +278,7 @@ class ClassificationObjective(TaskObjective):
     def new_metric(self) -> Metric:
         return LabelledCorrect()
 
-    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any) -> None:
+    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any, outputs: Any = None) -> None:
         inputs, labels = unpack(batch, "evaluation")
         metric.update(self.logits(pl_module, inputs, labels), labels)
 
@@ -303,6 +308,17 @@ class DetectionObjective(TaskObjective):
     measured cleaner but slower than ``bounded``. The term ``early_stop`` watches is ``ReLU(BND - cls_f)``
     (``bounded``; saturation test against ``BND``) or ``cls_b + box_b`` (``background``; plateau test only).
 
+    ``object_bound`` (this project's fix for dense detectors) acts on the forgotten objects themselves: with
+    ``log p`` the detector's log-probability of each forgotten object's class at every location that could report
+    it (``forgetting_losses(..., objects=...)``), the term ``mean ReLU(object_bound + log p)`` replaces
+    ``ReLU(BND - cls_f)`` (``bounded``) or is added to the forget term (``background``). Why: a dense detector's
+    ``cls_f`` sums a focal loss over every location of the forget images, so ``ReLU(BND - cls_f)`` can be met by
+    false positives elsewhere while the forgotten objects keep their scores; and AP ranks detections, so an object
+    is forgotten only once its score falls under the detector's score threshold, where a focal or cross-entropy
+    loss on it has almost no gradient left. The bounded log-probability has a gradient of constant size until the
+    probability reaches ``exp(-object_bound)`` (FCOS: score threshold 0.05 on ``sqrt(p * centreness)``, so
+    ``object_bound`` about 6), then none. With it, ``early_stop``'s saturation test uses ``object_bound``.
+
     Metrics: AP (COCO AP@[.5:.95], in percent like the classification accuracies) per class from one
     ``torchmetrics`` ``MeanAveragePrecision(class_metrics=True)`` (backend ``faster_coco_eval``) over the whole
     evaluation split; ``ap_f``/``ap_r``/``ap_o`` are the means over the forgotten/retained/old classes that have
@@ -312,8 +328,13 @@ class DetectionObjective(TaskObjective):
     Module protocol:
 
     * ``forgetting_losses(images, targets) -> {"cls": Tensor, "box": Tensor, ...}``: the weighted parts of the
-      training loss (in train or eval mode); extra keys (auxiliary terms) are handled by ``aux``;
-    * ``detect(images) -> [{"boxes", "scores", "labels"}]`` per image (xyxy pixels, labels in 0..C-1);
+      training loss (in train or eval mode); extra keys (auxiliary terms) are handled by ``aux``; with
+      ``object_bound``, ``forgetting_losses(images, targets, objects=[target dict per image])`` also returns
+      ``"object_log_probs"``: a flat tensor of ``log p(label)`` of those objects where the detector could report
+      them;
+    * ``detect(images) -> [{"boxes", "scores", "labels"}]`` per image (xyxy pixels, labels in 0..C-1); a module
+      whose ``validation_step``/``test_step`` returns ``{"predictions": detect(images)}`` spares the second
+      ``detect`` per evaluation batch;
     * ``num_classes``; optional ``class_names`` and ``gslora_target`` (the regex of the FFN ``nn.Linear`` layers
       to adapt, used when ``GSLoRA(target=None)``).
 
@@ -326,6 +347,9 @@ class DetectionObjective(TaskObjective):
         mode: ``"bounded"`` or ``"background"`` (see above).
         aux: where loss terms other than ``cls``/``box`` go: ``"box"`` (learned on both sets like the boxes; the
             default), ``"cls"`` (part of the bounded classification term) or ``"ignore"``.
+        object_bound: bound of the per-location term on the forgotten objects (see above); ``None`` (default): the
+            paper's objective. Needs ``forgetting_losses(images, targets, objects=...)`` to return
+            ``"object_log_probs"`` (``ObjectDetector`` with the torchvision FCOS/RetinaNet backend does).
     """
 
     name = "detection"
@@ -334,9 +358,12 @@ class DetectionObjective(TaskObjective):
     replaces_eval_steps = False
     supports_prototypes = False
 
-    def __init__(self, bound: float = 15.0, mode: str = "bounded", aux: str = "box") -> None:
+    def __init__(self, bound: float = 15.0, mode: str = "bounded", aux: str = "box",
+                 object_bound: Optional[float] = None) -> None:
         if not bound > 0:
             raise ValueError(f"bound must be > 0, got {bound!r}")
+        if object_bound is not None and not object_bound > 0:
+            raise ValueError(f"object_bound must be > 0 (a negative log-probability) or None, got {object_bound!r}")
         if mode not in DETECTION_MODES:
             raise ValueError(f"mode must be one of {DETECTION_MODES}, got {mode!r}")
         if aux not in AUX_MODES:
@@ -344,12 +371,15 @@ class DetectionObjective(TaskObjective):
         self.bound = float(bound)
         self.mode = mode
         self.aux = aux
+        self.object_bound = None if object_bound is None else float(object_bound)
         self.tasks: Sequence[Sequence[int]] = ()
         self.class_names: Optional[list[str]] = None
 
     @property
     def saturation_bound(self) -> Optional[float]:
-        return self.bound if self.mode == "bounded" else None
+        if self.mode != "bounded":
+            return None
+        return self.bound if self.object_bound is None else self.object_bound
 
     def check_module(self, pl_module: pl.LightningModule) -> None:
         missing = [m for m in ("forgetting_losses", "detect") if not callable(getattr(pl_module, m, None))]
@@ -359,29 +389,55 @@ class DetectionObjective(TaskObjective):
                 f"{' and '.join(missing)}: forgetting_losses(images, targets) -> {{'cls': Tensor, 'box': Tensor}} "
                 "(the weighted parts of its training loss) and detect(images) -> [{'boxes', 'scores', 'labels'}]"
             )
+        if self.object_bound is not None and not _accepts(pl_module.forgetting_losses, "objects"):
+            raise TypeError(
+                f"DetectionObjective(object_bound={self.object_bound:g}) needs {type(pl_module).__name__}."
+                "forgetting_losses(images, targets, objects=...) returning also 'object_log_probs' (log p(label) of "
+                "the given objects where the detector could report them); this module's forgetting_losses has no "
+                "`objects` argument: add it, or use object_bound=None (the paper's ReLU(BND - cls_f))"
+            )
         num_classes = getattr(pl_module, "num_classes", None)
         if isinstance(num_classes, int) and not isinstance(num_classes, bool):
             check_class_range(self.tasks, num_classes, f"{type(pl_module).__name__}.num_classes")
         names = getattr(pl_module, "class_names", None)
         self.class_names = list(names) if isinstance(names, (list, tuple)) else None
 
-    def parts(self, pl_module: pl.LightningModule, images: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cls, box)`` of ``pl_module.forgetting_losses``, auxiliary terms added as ``aux`` says."""
-        losses = pl_module.forgetting_losses(images, targets)
+    def parts(self, pl_module: pl.LightningModule, images: Any, targets: Any,
+              objects: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(cls, box, object_log_probs)`` of ``pl_module.forgetting_losses``, auxiliary terms added as ``aux``
+        says; ``object_log_probs`` only when ``objects`` is given (else ``None``)."""
+        if objects is None:
+            losses = pl_module.forgetting_losses(images, targets)
+        else:
+            losses = pl_module.forgetting_losses(images, targets, objects=objects)
         if not isinstance(losses, Mapping) or "cls" not in losses or "box" not in losses:
             raise TypeError(
                 f"{type(pl_module).__name__}.forgetting_losses must return a dict with the tensors 'cls' and 'box' "
                 f"(the weighted classification and localisation parts of the loss); got {describe(losses)}"
             )
+        log_probs = losses.get(OBJECT_LOG_PROBS)
+        if objects is not None and not isinstance(log_probs, torch.Tensor):
+            raise TypeError(
+                f"DetectionObjective(object_bound=...) needs {type(pl_module).__name__}.forgetting_losses(images, "
+                f"targets, objects=...) to return {OBJECT_LOG_PROBS!r} (log p(label) of the given objects); got "
+                f"{describe(losses)}"
+            )
         cls, box = losses["cls"].float(), losses["box"].float()
         for key, value in losses.items():
-            if key in ("cls", "box") or self.aux == "ignore":
+            if key in ("cls", "box", OBJECT_LOG_PROBS) or self.aux == "ignore":
                 continue
             if self.aux == "cls":
                 cls = cls + value.float()
             else:
                 box = box + value.float()
-        return cls, box
+        return cls, box, log_probs
+
+    def object_term(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """``mean ReLU(object_bound + log p)`` over the forgotten objects' locations: pushes each location's
+        probability of the forgotten class down to ``exp(-object_bound)`` with a gradient that does not fade."""
+        if log_probs.numel() == 0:
+            return log_probs.new_zeros(())
+        return F.relu(self.object_bound + log_probs.float()).mean()
 
     def training_loss(self, pl_module: pl.LightningModule, batch: Any, context: StepContext) -> StepLoss:
         if not isinstance(batch, Mapping):
@@ -392,21 +448,28 @@ class DetectionObjective(TaskObjective):
         check_retain_forget(batch)
         images_r, targets_r = _detection_pair(batch["retain"], "retain")
         images_f, targets_f = _detection_pair(batch["forget"], "forget")
-        cls_r, box_r = self.parts(pl_module, images_r, targets_r)
+        cls_r, box_r, _ = self.parts(pl_module, images_r, targets_r)
         retain = cls_r + box_r
+        forgotten = [_plain(t) for t in targets_f]
+        objects = forgotten if self.object_bound is not None else None
+        values: dict[str, Any] = {}
         if self.mode == "bounded":
-            cls_f, box_f = self.parts(pl_module, images_f, [_plain(t) for t in targets_f])
-            forget = F.relu(self.bound - cls_f)
+            cls_f, box_f, log_probs = self.parts(pl_module, images_f, forgotten, objects)
+            forget = F.relu(self.bound - cls_f) if log_probs is None else self.object_term(log_probs)
             forget_total = forget + box_f
         else:
-            cls_f, box_f = self.parts(pl_module, images_f, [_background(t) for t in targets_f])
+            cls_f, box_f, log_probs = self.parts(pl_module, images_f, [_background(t) for t in targets_f], objects)
             forget = cls_f + box_f
+            if log_probs is not None:
+                forget = forget + self.object_term(log_probs)
             forget_total = forget
+        if log_probs is not None and log_probs.numel():
+            values["forget_object_prob"] = log_probs.detach().exp().mean()
         structure = group_lasso(context.groups) if context.groups else retain.new_zeros(())
         total = retain + context.beta * forget_total + context.alpha * structure
-        values = {"loss": total, "retain_cls": cls_r, "retain_box": box_r, "forget_term": forget,
-                  "forget_cls": cls_f.detach(), "forget_box": box_f.detach(), "group_lasso": structure,
-                  "alpha": context.alpha_now}
+        values.update({"loss": total, "retain_cls": cls_r, "retain_box": box_r, "forget_term": forget,
+                       "forget_cls": cls_f.detach(), "forget_box": box_f.detach(), "group_lasso": structure,
+                       "alpha": context.alpha_now})
         return StepLoss(total, forget, len(images_f), len(images_r) + len(images_f), values)
 
     def new_metric(self) -> Metric:
@@ -415,9 +478,15 @@ class DetectionObjective(TaskObjective):
         return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
                                     backend="faster_coco_eval")
 
-    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any) -> None:
+    def update_metric(self, metric: Metric, pl_module: pl.LightningModule, batch: Any, outputs: Any = None) -> None:
+        """Reuses the predictions of the module's own evaluation step when it returned ``{"predictions": [...]}``
+        (one dict per image, ``detect``'s format), else calls ``detect``."""
         images, targets = _detection_pair(batch, "evaluation")
-        predictions = pl_module.detect(images)
+        reused = outputs.get("predictions") if isinstance(outputs, Mapping) else None
+        if isinstance(reused, (list, tuple)) and len(reused) == len(images):
+            predictions = reused
+        else:
+            predictions = pl_module.detect(images)
         metric.update(
             [{k: p[k].detach().float() if k != "labels" else p[k].detach().long() for k in ("boxes", "scores",
                                                                                           "labels")}
@@ -497,6 +566,14 @@ def _detection_pair(part: Any, what: str) -> tuple[list, list]:
         f"GSLoRA's detection objective needs {what} batches (images, targets): a list of image tensors and a list "
         f"of target dicts {{'boxes', 'labels'}}; got {describe(part)}"
     )
+
+
+def _accepts(function: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _plain(target: Mapping) -> dict:

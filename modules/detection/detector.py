@@ -121,9 +121,16 @@ class ObjectDetector(pl.LightningModule):
         """The backend's weighted loss terms (their sum is the training loss)."""
         return self.backend.losses(_image_list(images), [_plain_target(t) for t in targets])
 
-    def forgetting_losses(self, images: Images, targets: list[Target]) -> dict[str, torch.Tensor]:
-        """``{"cls": ..., "box": ...}`` of the training loss on ``(images, targets)``, in the current mode."""
-        return self.backend.split_losses(self.losses(images, targets))
+    def forgetting_losses(self, images: Images, targets: list[Target],
+                          objects: Optional[list[Target]] = None) -> dict[str, torch.Tensor]:
+        """``{"cls": ..., "box": ...}`` of the training loss on ``(images, targets)``, in the current mode. With
+        ``objects`` (a target dict per image) also ``"object_log_probs"``: ``log p(label)`` of each of those objects
+        at every location the detector could report it from, one flat tensor (FCOS/RetinaNet backends)."""
+        if objects is None:
+            return self.backend.split_losses(self.losses(images, targets))
+        losses, log_probs = self.backend.losses_and_object_log_probs(
+            _image_list(images), [_plain_target(t) for t in targets], [_plain_target(t) for t in objects])
+        return {**self.backend.split_losses(losses), "object_log_probs": log_probs}
 
     def detect(self, images: Images) -> list[Prediction]:
         """Detections per image: ``{"boxes": xyxy pixels, "scores", "labels": 0..num_classes-1}``, best first."""
@@ -166,11 +173,12 @@ class ObjectDetector(pl.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_map)
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, list[Prediction]]:
+        """Updates ``val/map``; returns ``{"predictions": ...}`` (a forgetting callback reuses them)."""
+        return {"predictions": self._evaluate(batch, self.val_map)}
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_map)
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, list[Prediction]]:
+        return {"predictions": self._evaluate(batch, self.test_map)}
 
     def on_validation_epoch_end(self) -> None:
         self._log_map("val", self.val_map)
@@ -182,12 +190,13 @@ class ObjectDetector(pl.LightningModule):
         images = _unpack(batch)[0] if isinstance(batch, (tuple, list, Mapping)) else batch
         return [{k: v.detach() for k, v in p.items()} for p in self.detect(images)]
 
-    def _evaluate(self, batch: Any, metric: MeanAveragePrecision) -> None:
+    def _evaluate(self, batch: Any, metric: MeanAveragePrecision) -> list[Prediction]:
         images, targets = _unpack(batch)
         predictions = self.detect(images)
         preds = [{"boxes": p["boxes"].detach().float(), "scores": p["scores"].detach().float(),
                   "labels": p["labels"].detach().long()} for p in predictions]
         metric.update(preds, [_metric_target(t, self.num_classes) for t in targets])
+        return preds
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
         result = metric.compute()

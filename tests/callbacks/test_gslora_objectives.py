@@ -205,6 +205,64 @@ def test_detection_objective_aux_terms():
         assert torch.allclose(got[0], base["cls"] + cls) and torch.allclose(got[1], base["box"] + box)
 
 
+class ObjectTinyDetector(TinyDetector):
+    """``TinyDetector`` that also reports each given object's ``log sigmoid`` class logit at its own cell."""
+
+    def forgetting_losses(self, images, targets, objects=None):
+        out = super().forgetting_losses(images, targets)
+        if objects is not None:
+            logits, _ = self(images)
+            values = []
+            for i, target in enumerate(objects):
+                for b, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+                    cell = int((b[1] + b[3]) / 2 // 8) * 4 + int((b[0] + b[2]) / 2 // 8)
+                    values.append(F.logsigmoid(logits[i, cell, int(label)]))
+            out["object_log_probs"] = torch.stack(values) if values else logits.new_zeros(0)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["bounded", "background"])
+def test_detection_objective_object_term(mode):
+    torch.manual_seed(0)
+    model = ObjectTinyDetector().eval()
+    (images_r, targets_r), (images_f, targets_f) = _detection_batch()
+    objective = DetectionObjective(bound=15.0, mode=mode, object_bound=3.0)
+    objective.check_module(model)
+    loss = objective.training_loss(model, {"retain": (images_r, targets_r), "forget": (images_f, targets_f)},
+                                   _context(view([[0]], 0), [], beta=0.25, alpha=0.0))
+    r = model.forgetting_losses(images_r, targets_r)
+    forgotten = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets_f]
+    log_probs = model.forgetting_losses(images_f, forgotten, objects=forgotten)["object_log_probs"]
+    assert log_probs.numel() == sum(len(t["labels"]) for t in forgotten) > 0
+    term = torch.stack([F.relu(3.0 + v) for v in log_probs]).mean()  # by hand: one value per forgotten object
+    if mode == "bounded":
+        f = model.forgetting_losses(images_f, forgotten)
+        assert torch.allclose(loss.forget, term)
+        forget = term + f["box"]
+    else:
+        f = model.forgetting_losses(images_f, [{"boxes": t["retained_boxes"], "labels": t["retained_labels"]}
+                                               for t in targets_f])
+        forget = f["cls"] + f["box"] + term
+        assert torch.allclose(loss.forget, forget)
+    assert torch.allclose(loss.total, r["cls"] + r["box"] + 0.25 * forget, atol=1e-5)
+    assert torch.allclose(loss.values["forget_object_prob"], log_probs.exp().mean())
+    assert objective.saturation_bound == (3.0 if mode == "bounded" else None)
+    # the term's gradient on a recognised object's logit does not fade as its probability falls (unlike focal loss)
+    logit = torch.tensor([2.0, -2.0], requires_grad=True)
+    objective.object_term(F.logsigmoid(logit)).backward()
+    assert torch.allclose(logit.grad, 0.5 * torch.sigmoid(-logit), atol=1e-6)
+    assert objective.object_term(torch.tensor([-3.5, -4.0])) == 0  # past the bound: nothing left to push
+
+
+def test_detection_objective_object_term_errors():
+    with pytest.raises(ValueError, match="object_bound must be > 0"):
+        DetectionObjective(object_bound=0.0)
+    objective = DetectionObjective(object_bound=4.0)
+    objective.configure([[0]], 15.0, False)
+    with pytest.raises(TypeError, match="has no `objects` argument"):
+        objective.check_module(TinyDetector())
+
+
 # ------------------------------------------------------------------------------------------------ detection data
 class HandBoxes(torch.utils.data.Dataset):
     """Five images with known objects (box i of image k is [k, i, k + 1, i + 1]); no fast label methods."""
@@ -380,6 +438,41 @@ def test_detection_forgetting_end_to_end(pretrained_detector, quiet):
     for before, after in zip(recorder.detections, detections):
         assert torch.equal(before["labels"], after["labels"])
         assert torch.allclose(before["scores"], after["scores"], atol=1e-5)
+
+
+def test_detection_evaluation_reuses_the_modules_own_predictions(quiet):
+    class Counting(TinyDetector):
+        """Returns its predictions from validation_step (as ObjectDetector does); counts detect calls made inside
+        validation batches (the callback's own before/after passes are other calls)."""
+
+        in_batch = False
+        batch_calls = 0
+
+        def detect(self, images):
+            self.batch_calls += self.in_batch
+            return super().detect(images)
+
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            return {"predictions": self.detect(batch[0])}
+
+    class BatchWindow(Callback):  # listed after GSLoRA: its batch-end hook runs after GSLoRA's
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            pl_module.in_batch = True
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            pl_module.in_batch = False
+
+    torch.manual_seed(0)
+    model = Counting()
+    callback = GSLoRA([[0]], objective=DetectionObjective(bound=3.0), beta=1.0, lr=1e-2, plots=False,
+                      early_stop=False)
+    datamodule = DetectionForgettingDataModule(SquaresDataModule(val=32), replay_ratio=0.5, batch_size=8)
+    pl.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback, BatchWindow()], **quiet()).fit(
+        model, datamodule)
+    # one detect per validation batch (the module's), not two; the callback still measured AP from them
+    assert model.validated > 0 and model.batch_calls == model.validated
+    assert [r for r in callback.history if r["kind"] == "val" and r["ap_f"] is not None]
 
 
 def test_detection_forgetting_background_mode(pretrained_detector, quiet):

@@ -244,3 +244,46 @@ def test_registry_mmdet_is_lazy():
         from lightning_plugins.modules.detection.backends import backend_class
 
         assert backend_class("mmdet").__name__ == "MMDetBackend"
+
+
+# ------------------------------------------------------------------------------ per-object log-probs (forgetting)
+@pytest.mark.parametrize("model, min_size, expected", [
+    # anchor centres sit on multiples of the stride (8, 16, 32, 64); box [10, 10, 30, 30] strictly contains
+    # 2 x 2 centres at stride 8 (16, 24) and 1 at stride 16 (16): 5 places
+    ("fcos", None, 5),
+    # resized x2 (min_size 128 for 64-pixel images): box [20, 20, 60, 60] contains 5 x 5 + 2 x 2 + 1 x 1 centres
+    ("fcos", 128, 30),
+    # RetinaNet: 3 scales x 3 ratios = 9 anchors per place, same places
+    ("retinanet", None, 45),
+])
+def test_object_log_probs_are_the_heads_own_class_scores_inside_the_box(model, min_size, expected):
+    torch.manual_seed(0)
+    backend = build_backend("torchvision", model, num_classes=3, min_size=min_size).eval()
+    images, targets = rectangles(n=2)
+    objects = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    captured = {}
+    hook = backend.detector.head.register_forward_hook(lambda m, i, out: captured.update(out=out))
+    try:
+        losses, log_probs = backend.losses_and_object_log_probs(images, targets, objects)
+    finally:
+        hook.remove()
+    # the same forward gives exactly the plain losses
+    plain = backend.losses(images, targets)
+    assert set(losses) == set(plain) and all(torch.equal(losses[k], plain[k]) for k in plain)
+    assert log_probs.shape == (expected,)
+    logits = captured["out"]["cls_logits"][0, :, 1]
+    if model == "fcos" and min_size is None:
+        # pyramid 8x8, 4x4, 2x2, 1x1 anchors, row-major per level: (x, y) in {2, 3}^2 at P3 and (1, 1) at P4
+        places = [2 * 8 + 2, 2 * 8 + 3, 3 * 8 + 2, 3 * 8 + 3, 64 + 1 * 4 + 1]
+        assert torch.equal(log_probs, torch.nn.functional.logsigmoid(logits[places]))
+    else:  # each value is log sigmoid of one of image 0's class-1 logits
+        candidates = torch.nn.functional.logsigmoid(logits)
+        assert all(bool((candidates - v).abs().min() < 1e-6) for v in log_probs)
+
+
+def test_object_log_probs_refused_with_the_fix_by_backends_without_them():
+    backend = build_backend("torchvision", "fasterrcnn", num_classes=3).eval()
+    images, targets = rectangles(n=1)
+    with pytest.raises(NotImplementedError, match="object_bound=None"):
+        backend.losses_and_object_log_probs(images, targets, targets)

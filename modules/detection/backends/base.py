@@ -45,6 +45,18 @@ class DetectionBackend(nn.Module):
         the part of the total that forgetting objectives act on; auxiliary-layer terms go to the same parts)."""
         raise NotImplementedError
 
+    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target],
+                                    objects: list[Target]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`losses` on ``targets`` and, from the same forward pass, ``log p(label)`` of every object of
+        ``objects`` (one target dict per image, same format) at every place the detector could report it from
+        (dense heads: each location whose anchor centre lies inside the object's box), one flat tensor over the
+        batch. Forgetting objectives push these down on the objects to forget."""
+        raise NotImplementedError(
+            f"the {type(self).__name__} detection backend does not expose per-object class log-probabilities; "
+            "the object term of DetectionObjective (object_bound) is supported by the torchvision FCOS and RetinaNet "
+            "backends; use object_bound=None (the paper's bounded term) with this backend"
+        )
+
     def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
         """Detections per image (see the module docstring), best first, at most the backend's per-image limit."""
         raise NotImplementedError

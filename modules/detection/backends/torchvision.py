@@ -150,6 +150,33 @@ class TorchvisionBackend(DetectionBackend):
         with _loss_mode(self.detector):
             return dict(self.detector(list(images), prepared))
 
+    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target],
+                                    objects: list[Target]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """FCOS/RetinaNet: the loss dict of :meth:`losses` and ``log sigmoid`` of each object's class logit at every
+        anchor whose centre lies inside the object's box (all pyramid levels: any of them can regress that box)."""
+        if self.model_name not in ("fcos", "retinanet"):
+            return super().losses_and_object_log_probs(images, targets, objects)
+        detector = self.detector
+        prepared = [self._to_library(t) for t in targets]
+        with _loss_mode(detector):
+            batch, prepared = detector.transform(list(images), prepared)
+            features = list(detector.backbone(batch.tensors).values())
+            head_outputs = detector.head(features)
+            anchors = detector.anchor_generator(batch, features)
+            if self.model_name == "fcos":
+                sizes = [f.shape[2] * f.shape[3] for f in features]
+                losses = detector.compute_loss(prepared, head_outputs, anchors, sizes)
+            else:
+                losses = detector.compute_loss(prepared, head_outputs, anchors)
+        log_probs = []
+        for logits, image_anchors, image, size, target in zip(head_outputs["cls_logits"], anchors, images,
+                                                              batch.image_sizes, objects):
+            target = self._to_library(target)
+            scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2,
+                                 device=target["boxes"].device)  # the transform's resize, if any
+            log_probs.append(_inside_log_probs(logits, image_anchors, target["boxes"] * scale, target["labels"]))
+        return dict(losses), torch.cat(log_probs) if log_probs else head_outputs["cls_logits"].new_zeros(0)
+
     def split_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``cls``: ``classification`` / ``loss_classifier`` + ``loss_objectness``; ``box``: the other terms
         (box regression, FCOS centre-ness, RPN box regression)."""
@@ -259,6 +286,17 @@ def _loss_mode(detector: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def _inside_log_probs(logits: torch.Tensor, anchors: torch.Tensor, boxes: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """``log sigmoid(logit of the object's class)`` at each anchor (``[A, 4]`` xyxy) whose centre is inside an
+    object's box (``boxes`` ``[N, 4]``, ``labels`` ``[N]``); ``logits`` ``[A, C]``."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    inside = ((centres[None, :, 0] > boxes[:, None, 0]) & (centres[None, :, 0] < boxes[:, None, 2])
+              & (centres[None, :, 1] > boxes[:, None, 1]) & (centres[None, :, 1] < boxes[:, None, 3]))
+    objects, places = inside.nonzero(as_tuple=True)
+    return torch.nn.functional.logsigmoid(logits[places, labels[objects]].float())
 
 
 def _split(losses: dict[str, torch.Tensor], is_cls) -> dict[str, torch.Tensor]:
