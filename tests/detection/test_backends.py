@@ -259,6 +259,9 @@ def test_registry_mmdet_is_lazy():
 def test_object_log_probs_are_the_heads_own_class_scores_inside_the_box(model, min_size, expected):
     torch.manual_seed(0)
     backend = build_backend("torchvision", model, num_classes=3, min_size=min_size).eval()
+    regression = backend.detector.head.regression_head.bbox_reg
+    torch.nn.init.zeros_(regression.weight)  # every predicted box is empty (FCOS: a point; RetinaNet: the anchor,
+    torch.nn.init.zeros_(regression.bias)   # too small to reach IoU 0.5), so only the anchors inside the box count
     images, targets = rectangles(n=2)
     objects = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
@@ -280,6 +283,21 @@ def test_object_log_probs_are_the_heads_own_class_scores_inside_the_box(model, m
     else:  # each value is log sigmoid of one of image 0's class-1 logits
         candidates = torch.nn.functional.logsigmoid(logits)
         assert all(bool((candidates - v).abs().min() < 1e-6) for v in log_probs)
+
+
+def test_object_log_probs_also_take_anchors_whose_predicted_box_matches():
+    from lightning_plugins.modules.detection.backends.torchvision import _object_log_probs
+
+    box = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    anchors = torch.tensor([[16.0, 16.0, 24.0, 24.0],    # centre inside the box
+                            [40.0, 40.0, 48.0, 48.0],    # outside, predicts the object's box exactly (IoU 1)
+                            [0.0, 0.0, 8.0, 8.0],        # outside, predicts a box with IoU 256/544 = 0.47
+                            [50.0, 50.0, 58.0, 58.0]])   # outside, predicts a far box
+    predicted = torch.tensor([[0.0, 0.0, 1.0, 1.0], [10.0, 10.0, 30.0, 30.0], [14.0, 14.0, 34.0, 34.0],
+                              [50.0, 50.0, 60.0, 60.0]])
+    logits = torch.arange(8.0).reshape(4, 2) - 4
+    got = _object_log_probs(logits, anchors, predicted, box, torch.tensor([1]))
+    assert torch.equal(got, torch.nn.functional.logsigmoid(torch.tensor([-3.0, -1.0])))
 
 
 def test_object_log_probs_refused_with_the_fix_by_backends_without_them():

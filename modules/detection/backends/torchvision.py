@@ -153,7 +153,8 @@ class TorchvisionBackend(DetectionBackend):
     def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target],
                                     objects: list[Target]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """FCOS/RetinaNet: the loss dict of :meth:`losses` and ``log sigmoid`` of each object's class logit at every
-        anchor whose centre lies inside the object's box (all pyramid levels: any of them can regress that box)."""
+        anchor that could report it (all pyramid levels): its centre lies inside the object's box, or its predicted
+        box overlaps the object's with IoU >= 0.5."""
         if self.model_name not in ("fcos", "retinanet"):
             return super().losses_and_object_log_probs(images, targets, objects)
         detector = self.detector
@@ -168,13 +169,18 @@ class TorchvisionBackend(DetectionBackend):
                 losses = detector.compute_loss(prepared, head_outputs, anchors, sizes)
             else:
                 losses = detector.compute_loss(prepared, head_outputs, anchors)
+        decode = detector.box_coder.decode if self.model_name == "fcos" else detector.box_coder.decode_single
         log_probs = []
-        for logits, image_anchors, image, size, target in zip(head_outputs["cls_logits"], anchors, images,
-                                                              batch.image_sizes, objects):
+        for logits, regression, image_anchors, image, size, target in zip(
+                head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, images, batch.image_sizes,
+                objects):
             target = self._to_library(target)
             scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2,
                                  device=target["boxes"].device)  # the transform's resize, if any
-            log_probs.append(_inside_log_probs(logits, image_anchors, target["boxes"] * scale, target["labels"]))
+            with torch.no_grad():
+                predicted = decode(regression.detach().float(), image_anchors)
+            log_probs.append(_object_log_probs(logits, image_anchors, predicted, target["boxes"] * scale,
+                                               target["labels"]))
         return dict(losses), torch.cat(log_probs) if log_probs else head_outputs["cls_logits"].new_zeros(0)
 
     def split_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,14 +294,17 @@ def _loss_mode(detector: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _inside_log_probs(logits: torch.Tensor, anchors: torch.Tensor, boxes: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
-    """``log sigmoid(logit of the object's class)`` at each anchor (``[A, 4]`` xyxy) whose centre is inside an
-    object's box (``boxes`` ``[N, 4]``, ``labels`` ``[N]``); ``logits`` ``[A, C]``."""
+def _object_log_probs(logits: torch.Tensor, anchors: torch.Tensor, predicted: torch.Tensor, boxes: torch.Tensor,
+                      labels: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """``log sigmoid(logit of the object's class)`` at every anchor that could report the object: its centre lies
+    inside the object's box, or its predicted box overlaps the object's with IoU >= ``iou_threshold`` (a
+    detection there would count as the object's at AP@0.5). ``logits`` ``[A, C]``, ``anchors``/``predicted``
+    ``[A, 4]`` xyxy, ``boxes`` ``[N, 4]``, ``labels`` ``[N]``; object-major order."""
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     inside = ((centres[None, :, 0] > boxes[:, None, 0]) & (centres[None, :, 0] < boxes[:, None, 2])
               & (centres[None, :, 1] > boxes[:, None, 1]) & (centres[None, :, 1] < boxes[:, None, 3]))
-    objects, places = inside.nonzero(as_tuple=True)
+    overlapping = torchvision.ops.box_iou(boxes, predicted) >= iou_threshold
+    objects, places = (inside | overlapping).nonzero(as_tuple=True)
     return torch.nn.functional.logsigmoid(logits[places, labels[objects]].float())
 
 
