@@ -11,7 +11,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_plugins.modules.backbones import backbone_parameters, build_backbone
+from lightning_plugins.modules.backbones.vit import Block
 from lightning_plugins.modules.schedules import adamw_warmup_cosine
+from lightning_plugins.modules.sharding import shard_with_fsdp2
 
 # Learning rates used when ``lr`` is left unset: the hybrid (conv-stem) ViT learns best with a higher one in short
 # runs; the patch-stem ViT and custom backbones keep the value that was the default before the conv stem existed.
@@ -156,6 +158,11 @@ class ImageClassifier(pl.LightningModule):
         if image_size is not None and "image_size" in accepted:
             kwargs["image_size"] = image_size
         return build_backbone(name, **kwargs)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per Transformer block and
+        one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_types=(Block,))
 
     # -- model ----------------------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:

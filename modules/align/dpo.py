@@ -26,6 +26,7 @@ from lightning_plugins.modules.align._common import (
     resolve_tokenizer,
 )
 from lightning_plugins.modules.losses import DPO_LOSS_TYPES, SequenceLogps, dpo_loss, sequence_logps
+from lightning_plugins.modules.sharding import hf_block_types, shard_with_fsdp2
 
 __all__ = ["DPOModule"]
 
@@ -322,6 +323,11 @@ class DPOModule(pl.LightningModule):
     @property
     def _logs_nll(self) -> bool:
         return bool(self.hparams.nll_coef) or "sft" in self.loss_types
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per decoder layer of the
+        Hugging Face model and one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_names=hf_block_types(self.model))
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from lightning_plugins.modules.align._common import (
     resolve_tokenizer,
 )
 from lightning_plugins.modules.losses import reward_loss
+from lightning_plugins.modules.sharding import hf_block_types, shard_with_fsdp2
 
 __all__ = ["RewardModel", "RewardStats"]
 
@@ -219,6 +220,11 @@ class RewardModel(pl.LightningModule):
                 attention_mask[i, : len(ids)] = 1
             scores.append(self.score(input_ids, attention_mask, normalize=normalize))
         return torch.cat(scores) if scores else torch.empty(0, device=device)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per decoder layer of the
+        Hugging Face model and one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_names=hf_block_types(self.body))
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]):

@@ -24,6 +24,7 @@ from lightning_plugins.modules.align._common import (
     resolve_tokenizer,
 )
 from lightning_plugins.modules.losses import sequence_logps
+from lightning_plugins.modules.sharding import hf_block_types, shard_with_fsdp2
 
 __all__ = ["SFTModule"]
 
@@ -132,6 +133,11 @@ class SFTModule(pl.LightningModule):
         stats = {"nll_sum": nll_sum.detach(), "num_tokens": num_tokens,
                  "token_mean": (nll_sum / num_tokens.clamp(min=1)).detach(), "logits": logits}
         return loss, stats
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per decoder layer of the
+        Hugging Face model and one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_names=hf_block_types(self.model))
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import gzip
 import importlib.metadata
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np

@@ -10,9 +10,11 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.detection import MeanAveragePrecision
 
+from lightning_plugins.modules.backbones.vit import Block
 from lightning_plugins.modules.detection.backends import build_backend
 from lightning_plugins.modules.detection.backends.base import DetectionBackend, Prediction, Target
 from lightning_plugins.modules.schedules import warmup_cosine
+from lightning_plugins.modules.sharding import shard_with_fsdp2
 
 Images = Union[torch.Tensor, list[torch.Tensor]]
 
@@ -161,6 +163,11 @@ class ObjectDetector(pl.LightningModule):
             self.hparams["category_ids"] = ids
         if not self.hparams.get("class_names") and names is not None and len(names) == self.num_classes:
             self.hparams["class_names"] = names
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per Transformer block (if
+        the backend has them) and one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_types=(Block,))
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

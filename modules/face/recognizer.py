@@ -11,10 +11,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_plugins.modules.backbones import build_backbone
+from lightning_plugins.modules.backbones import IBasicBlock, build_backbone
+from lightning_plugins.modules.backbones.vit import Block
 from lightning_plugins.modules.face.heads import MarginHead
 from lightning_plugins.modules.face.metrics import VerificationMetrics
 from lightning_plugins.modules.schedules import adamw_warmup_cosine
+from lightning_plugins.modules.sharding import shard_with_fsdp2
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,11 @@ class FaceRecognizer(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.verification = nn.ModuleDict()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2 over the data-parallel devices, one unit per Transformer or residual
+        block and one for the rest (nothing under other strategies)."""
+        shard_with_fsdp2(self, self.device_mesh, block_types=(Block, IBasicBlock))
 
     # -- model ----------------------------------------------------------------------------------------------------
     @property
