@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any, Optional, Sequence, Union
@@ -16,9 +15,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_plugins.callbacks.gslora import report
+from lightning_plugins.callbacks.gslora.adapted import adapter_rows, announce_adapters
+from lightning_plugins.callbacks.gslora.checkpoint import check_state, pack_state, unpack_state
 from lightning_plugins.callbacks.gslora.data import _mix
 from lightning_plugins.callbacks.gslora.lora import (
-    GROUPINGS,
     LoRALinear,
     TargetLayer,
     compile_targets,
@@ -36,33 +36,29 @@ from lightning_plugins.callbacks.gslora.evaluation import (
     split_training_batch as _split_training_batch,
     unpack as _unpack,
 )
-from lightning_plugins.callbacks.gslora.losses import PROTOTYPE_DISTANCES, group_soft_threshold_
-from lightning_plugins.callbacks.gslora.metrics import (
-    LabelledCorrect,
-    drop_and_h,
-    group_norms,
-    parameter_counts,
-    update_norms,
-    zero_group_ratio,
-)
-from lightning_plugins.callbacks.gslora.objectives import (
-    OBJECTIVES,
-    PrototypeSpec,
-    StepContext,
-    TaskObjective,
-    resolve_objective,
-)
+from lightning_plugins.callbacks.gslora.losses import group_soft_threshold_
+from lightning_plugins.callbacks.gslora.metrics import LabelledCorrect
+from lightning_plugins.callbacks.gslora.objectives import PrototypeSpec, StepContext, TaskObjective, resolve_objective
 from lightning_plugins.callbacks.gslora.prototypes import all_reduce_class_sums as _all_reduce_class_sums
 from lightning_plugins.callbacks.gslora.prototypes import class_prototypes
-from lightning_plugins.callbacks.gslora.tasks import TaskView, check_class_range, validate_tasks, view
+from lightning_plugins.callbacks.gslora.rows import group_stats, history_row, test_columns
+from lightning_plugins.callbacks.gslora.schedule import check_optimizer, constant, cosine, with_cooldown
+from lightning_plugins.callbacks.gslora.settings import PerTask, check_num_classes, check_objective, check_settings
+from lightning_plugins.callbacks.gslora.stopping import (
+    cooldown_epochs,
+    epoch_mean,
+    forget_threshold,
+    saturation,
+    stopped_by,
+)
+from lightning_plugins.callbacks.gslora.tasks import TaskView, validate_tasks, view
+from lightning_plugins.callbacks.gslora.wrapping import restore, user_step, wrap
 
 # kept importable from here (they lived in this module before evaluation.py / prototypes.py)
 __all__ = ["GSLoRA", "_all_reduce_class_sums", "_describe", "_flatten_loaders", "_loggable", "_split_training_batch",
            "_unpack"]
 
 log = logging.getLogger(__name__)
-
-_STATE_VERSION = 1
 
 
 class GSLoRA(Callback):
@@ -256,92 +252,35 @@ class GSLoRA(Callback):
         self.tasks = validate_tasks(tasks)
         compile_targets(target)
         self.target = target
-        if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-        for name, value in (("lora_alpha", lora_alpha), ("bound", bound), ("proto_bound", proto_bound)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name, value in (("alpha", alpha), ("proto_retain_weight", proto_retain_weight),
-                            ("weight_decay", weight_decay), ("min_lr", min_lr),
-                            ("zero_group_threshold", zero_group_threshold)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-        if not isinstance(alpha_warmup_epochs, int) or alpha_warmup_epochs < 0:
-            raise ValueError(f"alpha_warmup_epochs must be an integer >= 0, got {alpha_warmup_epochs!r}")
-        if proto_distance not in PROTOTYPE_DISTANCES:
-            raise ValueError(f"proto_distance must be one of {PROTOTYPE_DISTANCES}, got {proto_distance!r}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be > 0 (or None to use the module's optimizer), got {lr!r}")
-        if num_classes is not None:
-            check_class_range(self.tasks, num_classes, "num_classes argument")
-        if not isinstance(early_stop, bool):
-            raise TypeError(f"early_stop must be True or False, got {early_stop!r}")
-        if isinstance(stop_forget_acc, bool) or not isinstance(stop_forget_acc, (int, float)) \
-                or not 0.0 <= stop_forget_acc <= 100.0:
-            raise ValueError(
-                f"stop_forget_acc is an accuracy in percent, between 0 and 100 (e.g. 1.0 for 1 %); got "
-                f"{stop_forget_acc!r}"
-            )
-        if isinstance(stop_saturation, bool) or not isinstance(stop_saturation, (int, float)) \
-                or not 0.0 <= stop_saturation < 1.0:
-            raise ValueError(
-                f"stop_saturation is a share of the bound, in [0, 1) (e.g. 0.05: the forgetting loss may stop at "
-                f"5 % of the bound); got {stop_saturation!r}"
-            )
-        if isinstance(stop_plateau, bool) or not isinstance(stop_plateau, (int, float)) \
-                or not 0.0 <= stop_plateau < 1.0:
-            raise ValueError(
-                f"stop_plateau is a relative decrease per epoch, in [0, 1) (e.g. 0.05: flat when the forgetting loss "
-                f"fell by less than 5 %; 0 turns the plateau test off); got {stop_plateau!r}"
-            )
-        if isinstance(stop_cooldown, bool) or not isinstance(stop_cooldown, int) or stop_cooldown < 0:
-            raise ValueError(
-                f"stop_cooldown is a number of epochs, an integer >= 0 (0 stops as soon as the rule holds); got "
-                f"{stop_cooldown!r}"
-            )
-        self.grouping = grouping
-        self.rank = rank
-        self.lora_alpha = float(lora_alpha)
-        self.betas = self._per_task("beta", beta)
-        self.bound = float(bound)
-        self.bound_per_sample = bound_per_sample
-        self.alpha = float(alpha)
-        self.proximal = bool(proximal)
-        self.alpha_warmup_epochs = alpha_warmup_epochs
+        check_settings(
+            self.tasks, grouping=grouping, rank=rank, lora_alpha=lora_alpha, bound=bound, proto_bound=proto_bound,
+            alpha=alpha, proto_retain_weight=proto_retain_weight, weight_decay=weight_decay, min_lr=min_lr,
+            zero_group_threshold=zero_group_threshold, alpha_warmup_epochs=alpha_warmup_epochs,
+            proto_distance=proto_distance, lr=lr, num_classes=num_classes, early_stop=early_stop,
+            stop_forget_acc=stop_forget_acc, stop_saturation=stop_saturation, stop_plateau=stop_plateau,
+            stop_cooldown=stop_cooldown,
+        )
+        self.grouping, self.rank, self.lora_alpha = grouping, rank, float(lora_alpha)
+        self.betas = PerTask("beta", beta, len(self.tasks))
+        self.bound, self.bound_per_sample = float(bound), bound_per_sample
+        self.alpha, self.proximal, self.alpha_warmup_epochs = float(alpha), bool(proximal), alpha_warmup_epochs
         self.prototypes = prototypes
-        self.proto_forget_weights = self._per_task("proto_forget_weight", proto_forget_weight)
-        self.proto_retain_weight = float(proto_retain_weight)
-        self.proto_bound = float(proto_bound)
-        self.proto_distance = proto_distance
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.min_lr = min_lr
-        self.num_classes = num_classes
-        self.zero_group_threshold = zero_group_threshold
-        self.freeze_batchnorm = freeze_batchnorm
-        self.eval_test = eval_test
-        self.output_dir = output_dir
-        self.plots = plots
-        self.unload_at_end = unload_at_end
-        self.seed = seed
-        self.early_stop = early_stop
-        self.stop_forget_acc = float(stop_forget_acc)
-        self.stop_saturation = float(stop_saturation)
-        self.stop_plateau = float(stop_plateau)
-        self.stop_cooldown = stop_cooldown
-        if not isinstance(objective, TaskObjective) and objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES} or a TaskObjective instance (e.g. "
-                             f"DetectionObjective(bound=15.0)), got {objective!r}")
-        if stop_forget_ap is not None and (isinstance(stop_forget_ap, bool) or not isinstance(
-                stop_forget_ap, (int, float)) or not 0.0 <= stop_forget_ap <= 100.0):
-            raise ValueError(f"stop_forget_ap is an AP in percent, between 0 and 100, or None (10 % of AP_f before "
-                             f"the task); got {stop_forget_ap!r}")
+        self.proto_forget_weights = PerTask("proto_forget_weight", proto_forget_weight, len(self.tasks))
+        self.proto_retain_weight, self.proto_bound = float(proto_retain_weight), float(proto_bound)
+        self.proto_distance, self.lr, self.weight_decay, self.min_lr = proto_distance, lr, weight_decay, min_lr
+        self.num_classes, self.zero_group_threshold = num_classes, zero_group_threshold
+        self.freeze_batchnorm, self.eval_test, self.output_dir = freeze_batchnorm, eval_test, output_dir
+        self.plots, self.unload_at_end, self.seed, self.early_stop = plots, unload_at_end, seed, early_stop
+        self.stop_forget_acc, self.stop_saturation = float(stop_forget_acc), float(stop_saturation)
+        self.stop_plateau, self.stop_cooldown = float(stop_plateau), stop_cooldown
+        check_objective(objective, stop_forget_ap)
         self.objective = objective
         self.stop_forget_ap = None if stop_forget_ap is None else float(stop_forget_ap)
-        self._objective: Optional[TaskObjective] = None
+        self._init_state()
 
+    def _init_state(self) -> None:
+        """The checkpointed state (before the first task) and the per-process state."""
+        self._objective: Optional[TaskObjective] = None
         # checkpointed state
         self.task_index = 0
         self.history: list[dict[str, Any]] = []
@@ -403,7 +342,7 @@ class GSLoRA(Callback):
     # ---------------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer, self._module = trainer, pl_module
-        self._check_num_classes(pl_module, trainer.datamodule)
+        check_num_classes(self.tasks, self.num_classes, pl_module, trainer.datamodule)
         if stage == "fit" and self.finished:
             raise RuntimeError(
                 f"all {self.num_tasks} forgetting tasks of this GSLoRA callback are done; nothing is left to fit. "
@@ -428,10 +367,11 @@ class GSLoRA(Callback):
             self._announce_adapters(trainer, pl_module)
             self._sync_datamodule(trainer)
             self._setup_task = self.task_index
-            self._wrap(pl_module, "training_step", self._make_training_step(pl_module))
+            wrap(pl_module, self._wrapped, "training_step", self._make_training_step(pl_module))
             self._wrap_eval_step(pl_module, "validation_step")
             if self.lr is not None:
-                self._wrap(pl_module, "configure_optimizers", self._make_configure_optimizers(trainer, pl_module))
+                configure = self._make_configure_optimizers(trainer, pl_module)
+                wrap(pl_module, self._wrapped, "configure_optimizers", configure)
         elif stage == "validate":
             self._wrap_eval_step(pl_module, "validation_step")
         elif stage == "test":
@@ -453,8 +393,8 @@ class GSLoRA(Callback):
         return objective
 
     def _wrap_eval_step(self, pl_module: pl.LightningModule, name: str) -> None:
-        if self._objective.replaces_eval_steps or self._user_step(pl_module, name) is None:
-            self._wrap(pl_module, name, self._make_eval_step(pl_module, name))
+        if self._objective.replaces_eval_steps or user_step(pl_module, self._wrapped, name) is None:
+            wrap(pl_module, self._wrapped, name, self._make_eval_step(pl_module, name))
 
     def _hooked_eval(self, name: str) -> bool:
         """Whether the split metric of ``name``'s loop is collected by the batch-end hook (not a replaced step)."""
@@ -467,10 +407,7 @@ class GSLoRA(Callback):
         self._restore_methods(pl_module)
 
     def _restore_methods(self, pl_module: pl.LightningModule) -> None:
-        for name, previous in self._wrapped.items():
-            pl_module.__dict__.pop(name, None)
-            if previous is not None:
-                pl_module.__dict__[name] = previous
+        restore(pl_module, self._wrapped)
         self._wrapped = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -479,7 +416,7 @@ class GSLoRA(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
-        self._check_optimizer(trainer)
+        check_optimizer(trainer, self._adapters, type(self._module).__name__)
         task_view = self.task_view(self.task_index)
         if self.task_index not in self._before:
             before = {"val": self._evaluate(trainer, pl_module, "val", task_view)}
@@ -562,54 +499,11 @@ class GSLoRA(Callback):
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        elapsed = self._elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
-        prototypes = None
-        if self._prototype_values is not None:
-            prototypes = {"task": self._prototype_task, "classes": self._prototype_classes.cpu(),
-                          "values": self._prototype_values.cpu()}
-        return {
-            "version": _STATE_VERSION,
-            "tasks": [list(t) for t in self.tasks],
-            "rank": self.rank,
-            "lora_alpha": self.lora_alpha,
-            "task_index": self.task_index,
-            "history": [dict(row) for row in self.history],
-            "before": {t: dict(v) for t, v in self._before.items()},
-            "prototypes": prototypes,
-            "elapsed": elapsed,
-            "stop": dict(self._stop) if self._stop is not None else None,
-            "cooldown": dict(self._cooldown) if self._cooldown is not None else None,
-            "previous_forget_term": self._previous_term,
-        }
+        return pack_state(self, self._elapsed_seconds())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = [tuple(t) for t in state_dict.get("tasks", [])]
-        if saved != list(self.tasks):
-            raise ValueError(
-                f"the checkpoint's GSLoRA state is for tasks {[list(t) for t in saved]}, but this callback has "
-                f"tasks {[list(t) for t in self.tasks]}; build GSLoRA with the same tasks to resume the sequence"
-            )
-        if state_dict.get("rank") != self.rank or state_dict.get("lora_alpha") != self.lora_alpha:
-            raise ValueError(
-                f"the checkpoint's LoRA has rank {state_dict.get('rank')}, lora_alpha {state_dict.get('lora_alpha')}; "
-                f"this callback has rank {self.rank}, lora_alpha {self.lora_alpha}. Use the same values to resume"
-            )
-        self.task_index = int(state_dict["task_index"])
-        self.history = [dict(row) for row in state_dict["history"]]
-        self._before = {int(t): dict(v) for t, v in state_dict["before"].items()}
-        prototypes = state_dict.get("prototypes")
-        if prototypes is None:
-            self._prototype_task = self._prototype_classes = self._prototype_values = None
-        else:
-            self._prototype_task = int(prototypes["task"])
-            self._prototype_classes = prototypes["classes"]
-            self._prototype_values = prototypes["values"]
-        self._elapsed = float(state_dict.get("elapsed", 0.0))
-        stop = state_dict.get("stop")
-        self._stop = dict(stop) if stop is not None else None
-        self._previous_term = state_dict.get("previous_forget_term")
-        cooldown = state_dict.get("cooldown")
-        self._cooldown = dict(cooldown) if cooldown is not None else None
+        check_state(state_dict, self.tasks, self.rank, self.lora_alpha)
+        unpack_state(self, state_dict)
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit":
             if self._setup_task is not None and self._setup_task != self.task_index and \
@@ -620,6 +514,10 @@ class GSLoRA(Callback):
                     f"{self._setup_task}); resume with a single-device or DDP strategy"
                 )
             self._sync_datamodule(trainer)
+
+    def _elapsed_seconds(self) -> float:
+        """The current task's training seconds, over all its (resumed) fits."""
+        return self._elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
 
     # ---------------------------------------------------------------------------------------------- LoRA + freeze
     def _lora_target(self, pl_module: pl.LightningModule) -> Any:
@@ -662,21 +560,6 @@ class GSLoRA(Callback):
         self._adapters, self._groups, self._group_layers, self._layers = {}, {}, {}, []
 
     # -------------------------------------------------------------------------------------------- method wrapping
-    def _wrap(self, pl_module: pl.LightningModule, name: str, fn: Any) -> None:
-        if name not in self._wrapped:
-            self._wrapped[name] = pl_module.__dict__.get(name)
-        # set on the instance: Lightning looks hooks up with getattr, and is_overridden sees a new function
-        pl_module.__dict__[name] = fn
-
-    def _user_step(self, pl_module: pl.LightningModule, name: str) -> Any:
-        """The module's own ``name`` method (bound), or ``None`` if it does not define one."""
-        previous = self._wrapped[name] if name in self._wrapped else pl_module.__dict__.get(name)
-        if previous is not None:
-            return previous
-        if getattr(type(pl_module), name) is getattr(pl.LightningModule, name):
-            return None
-        return getattr(type(pl_module), name).__get__(pl_module)
-
     def _make_training_step(self, pl_module: pl.LightningModule):
         def training_step(batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> torch.Tensor:
             return self._training_step(pl_module, batch)
@@ -684,7 +567,7 @@ class GSLoRA(Callback):
         return training_step
 
     def _make_eval_step(self, pl_module: pl.LightningModule, name: str):
-        original = self._user_step(pl_module, name)
+        original = user_step(pl_module, self._wrapped, name)
         metric = self._test_metric if name == "test_step" else self._val_metric
 
         def eval_step(batch: Any, batch_idx: int = 0, dataloader_idx: Optional[int] = None) -> Any:
@@ -702,27 +585,13 @@ class GSLoRA(Callback):
         def configure_optimizers() -> dict[str, Any]:
             params = [p for p in pl_module.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-            total = trainer.estimated_stepping_batches
             floor = min(1.0, self.min_lr / self.lr)
-            if not math.isfinite(total) or total < 1:
+            planned = cosine(trainer.estimated_stepping_batches, floor)
+            if planned is None:
                 self._warn_once("schedule", "GSLoRA: the number of training steps is unknown (max_epochs=-1?); "
                                 "using a constant learning rate")
-                planned = lambda step: 1.0  # noqa: E731
-            else:
-                def planned(step: int) -> float:
-                    progress = min(step, total) / total
-                    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-            def schedule(step: int) -> float:
-                cooldown = self._cooldown
-                if cooldown is None or step < cooldown["start"]:
-                    return planned(step)
-                # early_stop's cool-down: cosine from the planned factor where the rule held down to min_lr, reached
-                # at the cool-down's last step
-                progress = min(1.0, (step - cooldown["start"] + 1) / max(1, cooldown["steps"]))
-                start = planned(cooldown["start"])
-                return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
+                planned = constant
+            schedule = with_cooldown(planned, floor, lambda: self._cooldown)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self._scheduler = scheduler
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -815,14 +684,7 @@ class GSLoRA(Callback):
     def _row(self, kind: str, stage: str, task_view: TaskView, trainer: pl.Trainer, accuracies: dict,
              with_groups: bool) -> dict[str, Any]:
         before = (self._before.get(task_view.index) or {}).get(stage) or {}
-        keys = self._metric_keys()
-        drop, h = drop_and_h(accuracies.get(keys[0]), accuracies.get(keys[1]), before.get(keys[0]))
-        row: dict[str, Any] = {
-            "task": task_view.index, "kind": kind, "stage": stage,
-            "forgotten": sorted(task_view.forgotten), "epoch": trainer.current_epoch, "step": trainer.global_step,
-            **accuracies, "drop": drop, "h": h,
-            **{f"{key}_before": before.get(key) for key in keys},
-        }
+        row = history_row(kind, stage, task_view, trainer, accuracies, before, self._metric_keys())
         if with_groups and self._groups:
             row.update(self._group_stats())
         return row
@@ -831,18 +693,7 @@ class GSLoRA(Callback):
         return self._objective.metric_keys if self._objective is not None else ("acc_f", "acc_r", "acc_o", "acc_m")
 
     def _group_stats(self) -> dict[str, Any]:
-        norms = group_norms(self._groups)
-        updates = update_norms(self._group_layers)
-        trainable, total = parameter_counts(self._module) if self._module is not None else (0, 0)
-        stats: dict[str, Any] = {
-            "zero_group_ratio": zero_group_ratio(updates, self.zero_group_threshold),
-            "trainable_params": trainable, "total_params": total,
-            "trainable_ratio": trainable / total if total else None,
-        }
-        stats.update({f"group_norm/{name}": value for name, value in norms.items()})
-        stats.update({f"update_norm/{name}": delta / weight if weight else None
-                      for name, (delta, weight) in updates.items()})
-        return stats
+        return group_stats(self._groups, self._group_layers, self._module, self.zero_group_threshold)
 
     # ---------------------------------------------------------------------------------------------- task closing
     def _finish_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -852,22 +703,18 @@ class GSLoRA(Callback):
         stats = self._group_stats() if self._groups else {}
         for i, adapter in enumerate(self._adapters.values()):
             adapter.merge_(self._generator(index + 1, i))
-        seconds = self._elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        seconds = self._elapsed_seconds()
         task_view = self.task_view(index)
         after = self._evaluate(trainer, pl_module, "val", task_view) or {}
         row = self._row("task", "val", task_view, trainer, after, with_groups=False)
         row.update(stats)
         row["epochs"] = trainer.current_epoch
-        row["stopped_by"] = self._stopped_by(trainer)
+        row["stopped_by"] = stopped_by(trainer, self._stop)
         row["seconds"] = seconds
         if self.eval_test:
             test_after = self._evaluate(trainer, pl_module, "test", task_view) or {}
             test_before = (self._before.get(index) or {}).get("test") or {}
-            keys = self._metric_keys()
-            drop, h = drop_and_h(test_after.get(keys[0]), test_after.get(keys[1]), test_before.get(keys[0]))
-            row.update({f"test_{k}": v for k, v in test_after.items()})
-            row.update({f"test_{k}_before": test_before.get(k) for k in keys})
-            row.update({"test_drop": drop, "test_h": h})
+            row.update(test_columns(test_after, test_before, self._metric_keys()))
         self.history.append(row)
         self.task_index += 1
         self._task_closed = True
@@ -885,11 +732,7 @@ class GSLoRA(Callback):
     # ---------------------------------------------------------------------------------------------- early stopping
     def _check_early_stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The ``early_stop`` rule, at the end of a training epoch (see the class docstring)."""
-        totals = torch.tensor([float(self._forget_sum) if self._forget_sum is not None else 0.0,
-                               float(self._forget_steps)], device=trainer.strategy.root_device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        steps = float(totals[1])
-        term = float(totals[0]) / steps if steps else None
+        term = epoch_mean(trainer, self._forget_sum, self._forget_steps)
         previous, self._previous_term = self._previous_term, term
         if term is None:
             self._warn_once("early-stop-no-forget", "GSLoRA(early_stop=True): an epoch had no samples to forget in "
@@ -903,29 +746,21 @@ class GSLoRA(Callback):
                             "be checked and every task runs to max_epochs; give the Trainer or datamodule "
                             "validation data with the forgotten classes")
             return
-        bound = self._objective.saturation_bound
-        at_bound = bound is not None and term <= self.stop_saturation * bound
-        flat = (self.stop_plateau > 0 and previous is not None and previous > 0
-                and previous - term < self.stop_plateau * previous)
-        threshold, threshold_name = self._forget_threshold()
-        forgotten = acc_f <= threshold
-        if not trainer.strategy.reduce_boolean_decision(forgotten and (at_bound or flat), all=True):
+        saturated, why = saturation(term, previous, self._objective.saturation_bound, self.stop_saturation,
+                                    self.stop_plateau)
+        key = self._metric_keys()[0]
+        before = ((self._before.get(self.task_index) or {}).get("val") or {}).get(key)
+        threshold, threshold_name = forget_threshold(self._objective.name, key, self.stop_forget_acc,
+                                                     self.stop_forget_ap, before)
+        if not trainer.strategy.reduce_boolean_decision(acc_f <= threshold and saturated is not None, all=True):
             return
         epoch = trainer.current_epoch
-        if at_bound:
-            why = f"at the bound ({term:.4g} <= stop_saturation {self.stop_saturation:g} x bound {bound:g})"
-        else:
-            why = (f"flat ({previous:.4g} -> {term:.4g}, less than stop_plateau {self.stop_plateau:g} lower; "
-                   + (f"bound {bound:g})" if bound is not None else "no bound)"))
         # the cool-down: stop_cooldown more epochs in which the callback's schedule anneals the learning rate to
         # min_lr (not past the cap; none when the module's own optimizer is used, lr=None)
         cooldown = 0
         if self.lr is not None and self._scheduler is not None:
-            left = trainer.max_epochs - 1 - epoch if trainer.max_epochs is not None and trainer.max_epochs >= 0 \
-                else self.stop_cooldown
-            cooldown = max(0, min(self.stop_cooldown, left))
-        self._stop = {"epoch": epoch, self._metric_keys()[0]: acc_f, "forget_term": term,
-                      "saturation": "bound" if at_bound else "plateau", "cooldown": cooldown}
+            cooldown = cooldown_epochs(trainer, epoch, self.stop_cooldown)
+        self._stop = {"epoch": epoch, key: acc_f, "forget_term": term, "saturation": saturated, "cooldown": cooldown}
         what = "ReLU(bound - CE)" if self._objective.name == "classification" else "the forgetting term"
         condition = (f"{self._objective.forget_label} {acc_f:.2f} % <= {threshold_name} {threshold:g} % and the "
                      f"forgetting loss (epoch mean of {what}) is {why}")
@@ -945,16 +780,6 @@ class GSLoRA(Callback):
             f"{condition}"
         )
 
-    def _forget_threshold(self) -> tuple[float, str]:
-        """The forgotten split's metric at or below which ``early_stop`` counts the task as forgotten."""
-        if self._objective.name == "classification" or self._metric_keys()[0] == "acc_f":
-            return self.stop_forget_acc, "stop_forget_acc"
-        if self.stop_forget_ap is not None:
-            return self.stop_forget_ap, "stop_forget_ap"
-        key = self._metric_keys()[0]
-        before = ((self._before.get(self.task_index) or {}).get("val") or {}).get(key)
-        return (0.1 * before if before is not None else 0.0), "10 % of the value before the task"
-
     def _epoch_acc_f(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[float]:
         """Acc_f of this epoch: from the validation that ran after its last step, else measured now."""
         if self._last_val is not None and self._last_val[0] == trainer.global_step:
@@ -965,64 +790,15 @@ class GSLoRA(Callback):
         self._last_val = (trainer.global_step, acc_f)
         return acc_f
 
-    def _stopped_by(self, trainer: pl.Trainer) -> str:
-        """Why the task's training ended: ``early_stop``, ``max_epochs``, ``max_steps`` or ``other``."""
-        if self._stop is not None:
-            return "early_stop"
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs:
-            return "max_epochs"
-        if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
-            return "max_steps"
-        return "other"
-
     # ---------------------------------------------------------------------------------------------- adapted layers
     def _announce_adapters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log which layers this task adapts (rank zero), write them to ``adapted_layers.csv`` and give the
-        Lightning loggers a summary (``log_hyperparams``: the counts and the trainable ratio)."""
-        if not self._adapters:
-            return
-        groups = {id(p): name for name, params in self._groups.items() for p in params}
-        rows = []
-        for layer in self._layers:
-            adapter = self._adapters[layer.name]
-            base = adapter.base_layer
-            rows.append({
-                "task": self.task_index, "layer": layer.name, "group": groups.get(id(adapter.lora_A), layer.block),
-                "type": type(base).__name__, "in_features": adapter.in_features,
-                "out_features": adapter.out_features, "weight_dtype": str(base.weight.dtype).replace("torch.", ""),
-                "rank": adapter.rank, "lora_params": adapter.lora_A.numel() + adapter.lora_B.numel(),
-            })
-        trainable, total = parameter_counts(pl_module)
-        lora_params = sum(row["lora_params"] for row in rows)
-        ratio = trainable / total if total else 0.0
-        by_group: dict[str, list[str]] = {}
-        for row in rows:
-            by_group.setdefault(row["group"], []).append(row["layer"])
-        kinds = sorted({row["type"] for row in rows})
-        rank_zero_info(
-            f"GSLoRA task {self.task_index}: LoRA rank {self.rank} on {len(rows)} {'/'.join(kinds)} layers in "
-            f"{len(by_group)} groups (grouping={self.grouping!r}); trainable {trainable:,} of {total:,} parameters "
-            f"({100 * ratio:.2f} %): " + "; ".join(f"{g}: {', '.join(names)}" for g, names in by_group.items())
-        )
-        if trainer.is_global_zero:
-            report.write_adapted_layers(rows, self._output_dir(trainer))
-        summary = {"gslora/adapted_layers": len(rows), "gslora/groups": len(by_group), "gslora/rank": self.rank,
-                   "gslora/lora_params": lora_params, "gslora/trainable_params": trainable,
-                   "gslora/trainable_ratio": ratio}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(summary)
+        """Log, write and summarise the layers this task adapts (see :func:`~.adapted.announce_adapters`)."""
+        if self._adapters:
+            rows = adapter_rows(self.task_index, self._layers, self._adapters, self._groups)
+            announce_adapters(trainer, pl_module, rows, self.task_index, self.rank, self.grouping,
+                              self._output_dir(trainer))
 
     # ---------------------------------------------------------------------------------------------------- helpers
-    def _per_task(self, name: str, value: Union[float, Sequence[float]]) -> "_PerTask":
-        per_task = _PerTask(name, value)
-        if per_task.per_task and len(per_task.values) != self.num_tasks:
-            raise ValueError(
-                f"{name} gives {len(per_task.values)} values for {self.num_tasks} tasks; give one value per task "
-                "or a single number"
-            )
-        return per_task
-
     def _datamodule(self) -> Any:
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
@@ -1036,38 +812,6 @@ class GSLoRA(Callback):
         else:
             self._warn_once("plain-data", "GSLoRA: the training data has no set_forgetting_task(); batches (x, y) "
                             "are split by label: current and earlier task classes are forgotten, the rest retained")
-
-    def _check_num_classes(self, pl_module: pl.LightningModule, datamodule: Any) -> None:
-        candidates = [
-            (self.num_classes, "num_classes argument"),
-            (getattr(pl_module, "num_classes", None), f"{type(pl_module).__name__}.num_classes"),
-            (getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("num_classes"),
-             f"{type(pl_module).__name__}.hparams.num_classes"),
-        ]
-        if datamodule is not None:
-            try:
-                declared = getattr(datamodule, "num_classes", None)
-                candidates.append((declared, f"{type(datamodule).__name__}.num_classes"))
-            except RuntimeError:
-                pass  # a datamodule that knows its classes only after setup; the logits are checked later
-        for value, source in candidates:
-            if isinstance(value, int) and not isinstance(value, bool):
-                check_class_range(self.tasks, value, source)
-                missing = [c for c in getattr(datamodule, "missing_classes", ()) or () if c >= value]
-                if missing:
-                    raise ValueError(f"missing_classes {missing} are out of range for {value} classes ({source})")
-                return
-
-    def _check_optimizer(self, trainer: pl.Trainer) -> None:
-        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        left_out = [name for name, a in self._adapters.items()
-                    if id(a.lora_A) not in in_optimizer or id(a.lora_B) not in in_optimizer]
-        if left_out:
-            raise RuntimeError(
-                f"the optimizer from {type(self._module).__name__}.configure_optimizers does not hold the LoRA "
-                f"tensors of {left_out[:3]}{'...' if len(left_out) > 3 else ''}; build it from the parameters with "
-                "requires_grad=True after setup, or pass GSLoRA(lr=...) to let the callback build it"
-            )
 
     def _write_report(self, trainer: pl.Trainer, plots: bool) -> None:
         if not trainer.is_global_zero or not self.history:
@@ -1087,20 +831,3 @@ class GSLoRA(Callback):
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
-
-
-class _PerTask:
-    """A float given once for all tasks or once per task."""
-
-    def __init__(self, name: str, value: Union[float, Sequence[float]]) -> None:
-        self.name = name
-        self.value = value
-        values = [value] if isinstance(value, (int, float)) else list(value)
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
-        if bad or not values:
-            raise ValueError(f"{name} must be a number >= 0 or a list of them (one per task), got {value!r}")
-        self.values = [float(v) for v in values]
-        self.per_task = not isinstance(value, (int, float))
-
-    def __getitem__(self, task: int) -> float:
-        return self.values[task] if self.per_task else self.values[0]

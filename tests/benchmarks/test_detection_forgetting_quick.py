@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "detection_forgetting.py"
-METHODS = ("gslora", "finetune", "gslora-background")
+METHODS = ("gslora", "finetune", "gslora-paper")
 NUMBERS = ("ap_f", "ap_r", "ap_f_before", "ap_r_before", "drop", "h", "map", "trainable_params", "trainable_ratio",
            "seconds")
 GSLORA_NUMBERS = ("map_unmerged", "merge_diff")
@@ -20,7 +20,8 @@ GSLORA_NUMBERS = ("map_unmerged", "merge_diff")
 @pytest.mark.slow
 def test_quick_mode_writes_every_method_and_task(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(tmp_path), "--methods",
+         ",".join(METHODS)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
