@@ -3,13 +3,18 @@
 One detector is pretrained on the embedded MNIST scenes (128x128, 1-4 digits, 10 categories "0".."9"), then each
 method forgets the same task sequence (default ``{0, 1}`` then ``{2, 3}``) from a copy of it:
 
-* ``gslora``: the ``GSLoRA`` callback with ``DetectionObjective(mode="bounded")`` (LoRA on the Transformer blocks,
-  group lasso, ``cls_r + box_r + beta (ReLU(BND - cls_f) + box_f)``), early stopping once AP_f <= 10 % of before;
-* ``gslora-background``: the same with ``mode="background"`` (forgotten objects unlabelled on the forget images);
-* ``finetune``: full fine-tuning of every weight but the head with the same bounded objective, fixed epochs.
+* ``gslora``: the ``GSLoRA`` callback with the recipe of ``examples/configs/detect_forget.yaml``:
+  ``DetectionObjective(mode="background", object_bound=6)`` (the detection loss on the forget images with their
+  retained objects labelled and the forgotten ones as background, plus ``mean ReLU(6 + log p)`` over the places
+  that could report a forgotten object), LoRA on the Transformer blocks' FFNs, group lasso, early stopping once
+  AP_f <= 10 % of before, then a cool-down;
+* ``gslora-paper``: the same callback with the paper's objective, ``DetectionObjective(mode="bounded")``:
+  ``cls_r + box_r + beta (ReLU(BND - cls_f) + box_f)``;
+* ``finetune``: full fine-tuning of every weight but the head with the ``gslora`` objective, fixed epochs.
 
 All methods see the same data per task (``DetectionForgettingDataModule``: every training scene with a forgotten
-object, forgotten boxes only, plus ``--replay-ratio`` of each retained category's scenes, retained boxes only).
+object, forgotten boxes only (``forget_ratio`` of them), plus ``--replay-ratio`` of each retained category's
+scenes, retained boxes only).
 Reported on the **test** split (200 scenes), per task: AP_f / AP_r / AP_o (COCO AP@[.5:.95] in percent, mean over
 the forgotten / retained / earlier-forgotten categories), the pretrained model's AP_f and AP_r ("before"), Drop,
 H, the overall mAP, trainable parameters, epochs and wall time; for GS-LoRA also the merge check (test mAP with
@@ -48,8 +53,8 @@ from lightning_plugins.callbacks.gslora.tasks import view
 from lightning_plugins.modules.detection.data import COCODetectionDataModule
 from lightning_plugins.modules.detection.detector import ObjectDetector
 
-METHODS = ("gslora", "finetune", "gslora-background")
-DEFAULT_METHODS = "gslora,finetune,gslora-background"
+METHODS = ("gslora", "finetune", "gslora-paper")
+DEFAULT_METHODS = "gslora,finetune"
 #: LoRA targets: the FFNs of the Transformer blocks (the model's ``gslora_target``), or FFNs + attention
 TARGETS = {
     "ffn": None,
@@ -151,17 +156,20 @@ def forgetting_data(args: argparse.Namespace, data: COCODetectionDataModule) -> 
                                          batch_size=args.batch_size, eval_batch_size=16, seed=args.seed)
 
 
-def detection_objective(args: argparse.Namespace, mode: str) -> DetectionObjective:
-    return DetectionObjective(bound=args.bound, mode=mode, object_bound=args.object_bound)
+def detection_objective(args: argparse.Namespace, paper: bool = False) -> DetectionObjective:
+    """The recipe's objective, or (``paper``) GS-LoRA's bounded objective."""
+    if paper:
+        return DetectionObjective(bound=args.paper_bound, mode="bounded")
+    return DetectionObjective(bound=args.paper_bound, mode=args.mode, object_bound=args.object_bound)
 
 
-def run_gslora(args: argparse.Namespace, data, state, mode: str, name: str) -> list[dict]:
+def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
     pl.seed_everything(args.seed, verbose=False)
     model = fresh_model(args, state)
     fdata = forgetting_data(args, data)
-    beta = args.beta if mode == "bounded" else args.background_beta
-    lr = args.lr if mode == "bounded" else args.background_lr
-    callback = GSLoRA(args.tasks, objective=detection_objective(args, mode), target=TARGETS[args.target],
+    paper = name == "gslora-paper"
+    beta, lr = (args.paper_beta, args.paper_lr) if paper else (args.beta, args.lr)
+    callback = GSLoRA(args.tasks, objective=detection_objective(args, paper), target=TARGETS[args.target],
                       rank=args.rank, beta=beta, lr=lr, alpha=args.alpha, weight_decay=0.05,
                       early_stop=args.early_stop, stop_cooldown=args.cooldown, seed=args.seed,
                       output_dir=str(args.out / name), plots=True)
@@ -233,7 +241,7 @@ def run_finetune(args: argparse.Namespace, data, state) -> list[dict]:
     for index in range(len(args.tasks)):
         task_view = view(args.tasks, index)
         fdata.set_forgetting_task(index, sorted(task_view.forgotten), sorted(task_view.old))
-        module = FineTune(model, detection_objective(args, "bounded"), task_view, args.beta,
+        module = FineTune(model, detection_objective(args), task_view, args.beta,
                           args.finetune_lr)
         start = time.perf_counter()
         quiet_trainer(max_epochs=args.finetune_epochs, gradient_clip_val=10.0, default_root_dir=str(args.out)).fit(
@@ -272,7 +280,7 @@ def check_done_means(results: dict) -> list[str]:
     def listed(values: list, fmt: str) -> str:
         return ", ".join("-" if v is None else format(v, fmt) for v in values)
 
-    for method in ("gslora", "gslora-background"):
+    for method in ("gslora", "gslora-paper"):
         rows = results.get(method)
         if not rows:
             continue
@@ -332,13 +340,13 @@ def how_run(args: argparse.Namespace) -> list[str]:
         f"batch_size={args.batch_size})`: "
         "a step sees a retain batch and a forget batch; an epoch is one pass over the longer of the two sets.",
         f"- `gslora`: LoRA rank {args.rank} on {target}, AdamW lr {args.lr:g} (cosine), wd 0.05, beta {args.beta:g}, "
-        f"BND {args.bound:g} (`DetectionObjective(bound={args.bound:g}, mode='bounded')`), group lasso "
+        f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g})`, group lasso "
         f"{args.alpha:g}, early_stop={args.early_stop} (AP_f on validation <= 10 % of before, then "
         f"{args.cooldown} cool-down epochs), at most {args.task_epochs} epochs per task.",
-        f"- `gslora-background`: the same with `mode='background'`, beta {args.background_beta:g}, "
-        f"lr {args.background_lr:g}.",
-        f"- `finetune`: every weight but the head, AdamW lr {args.finetune_lr:g} (cosine), wd 0.05, same bounded "
-        f"objective (beta {args.beta:g}, BND {args.bound:g}), {args.finetune_epochs} epochs per task.",
+        f"- `gslora-paper`: the same with `DetectionObjective(bound={args.paper_bound:g}, mode='bounded')`, beta "
+        f"{args.paper_beta:g}, lr {args.paper_lr:g}.",
+        f"- `finetune`: every weight but the head, AdamW lr {args.finetune_lr:g} (cosine), wd 0.05, the `gslora` "
+        f"objective (beta {args.beta:g}), {args.finetune_epochs} epochs per task.",
         "- AP in percent (COCO AP@[.5:.95]) on the test scenes; before = the pretrained model's; "
         "`map` is the mean over all 10 categories; `map_unmerged`/`merge_diff`: test mAP with the task's adapters "
         "still unmerged vs merged.", "",
@@ -359,21 +367,23 @@ def main() -> None:
     parser.add_argument("--task-epochs", type=int, default=4, help="GS-LoRA: most epochs per task")
     parser.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cooldown", type=int, default=2)
-    parser.add_argument("--replay-ratio", type=float, default=0.2)
+    parser.add_argument("--replay-ratio", type=float, default=1.0)
     parser.add_argument("--forget-ratio", type=float, default=0.5,
                         help="share of each forgotten category's training scenes used (1.0: all)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--target", choices=sorted(TARGETS), default="ffn")
-    parser.add_argument("--beta", type=float, default=0.2)
-    parser.add_argument("--background-beta", type=float, default=5.0)
-    parser.add_argument("--background-lr", type=float, default=1e-2)
-    parser.add_argument("--bound", type=float, default=1.5)
-    parser.add_argument("--object-bound", type=float, default=None,
-                        help="DetectionObjective(object_bound=...): bound the forgotten objects' own class "
-                             "log-probabilities (None: the paper's ReLU(BND - cls_f))")
     parser.add_argument("--alpha", type=float, default=1e-4)
+    parser.add_argument("--mode", choices=("background", "bounded"), default="background",
+                        help="gslora/finetune: DetectionObjective(mode=...)")
+    parser.add_argument("--object-bound", type=float, default=6.0,
+                        help="gslora/finetune: DetectionObjective(object_bound=...), the bound on the forgotten "
+                             "objects' class log-probabilities")
+    parser.add_argument("--beta", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--paper-bound", type=float, default=1.5, help="gslora-paper: BND of ReLU(BND - cls_f)")
+    parser.add_argument("--paper-beta", type=float, default=0.2)
+    parser.add_argument("--paper-lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -402,8 +412,8 @@ def main() -> None:
           + ", ".join(f"{b['ap_f']:.1f}/{b['ap_r']:.1f}" for b in before) + f"; mAP {before[0]['map']:.1f}")
 
     runners = {
-        "gslora": lambda: run_gslora(args, data, state, "bounded", "gslora"),
-        "gslora-background": lambda: run_gslora(args, data, state, "background", "gslora-background"),
+        "gslora": lambda: run_gslora(args, data, state, "gslora"),
+        "gslora-paper": lambda: run_gslora(args, data, state, "gslora-paper"),
         "finetune": lambda: run_finetune(args, data, state),
     }
     results: dict[str, list[dict]] = {}
