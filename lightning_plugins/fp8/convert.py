@@ -191,6 +191,8 @@ def _skip_reason(
         return "module_filter_fn returned False"
     if getattr(mod, "use_fp32_linear", False):
         return "opt-out attribute use_fp32_linear=True"
+    if kind == "linear" and type(mod) is not nn.Linear and type(mod).__name__ == "FSDPLinear":
+        return "fully_shard was applied to this layer itself; apply it to the block that holds the layer"
     if kind == "linear" and type(mod) is not nn.Linear:
         return f"{type(mod).__name__} is a subclass of nn.Linear; only plain nn.Linear is converted"
     if kind == "conv1d" and type(mod) is not _conv1d_type():
@@ -222,6 +224,7 @@ def convert_to_fp8(
     wgrad_mode: str = "dequantized",
     use_fast_accum: bool = True,
     log_table: bool = True,
+    in_place: bool = False,
 ) -> ConversionReport:
     """Replace eligible linear layers of ``module`` by :class:`FP8Linear` (``Conv1D``: :class:`FP8Conv1D`), in place.
 
@@ -241,6 +244,8 @@ def convert_to_fp8(
         dim_multiple: required divisor of both dimensions (16 for the CUDA FP8 kernels; 1 disables).
         backend, amax_history_len, margin, wgrad_mode, use_fast_accum: passed to :class:`FP8Linear`.
         log_table: log the report table at INFO level (logger ``lightning_plugins.fp8.convert``).
+        in_place: turn the layer objects themselves into FP8 layers (class swap, :meth:`FP8Linear.convert_in_place`)
+            instead of replacing them: for models already sharded with FSDP2, which holds references to them.
 
     Returns:
         A :class:`ConversionReport` (``print(report)`` shows the table): every linear layer, converted or not,
@@ -308,7 +313,11 @@ def convert_to_fp8(
             report.decisions.append(LayerDecision(name, in_features, out_features, "skipped", reason, layer_type))
             replaced[id(mod)] = mod
             continue
-        if kind == "conv1d":
+        if in_place:
+            new = (FP8Conv1D if kind == "conv1d" else FP8Linear).convert_in_place(
+                mod, in_features, out_features, **layer_kwargs
+            )
+        elif kind == "conv1d":
             new = FP8Conv1D.from_conv1d(mod, **layer_kwargs)
         else:
             new = FP8Linear.from_linear(mod, **layer_kwargs)

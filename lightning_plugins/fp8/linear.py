@@ -69,7 +69,13 @@ class _FP8LinearFunction(torch.autograd.Function):
         weight_oi = weight.t() if layer.transposed_weight else weight
         with _no_autocast(x.device.type):
             xq, x_bad = quantize_with_state(x2, layer.input_scaling, record)
-            wq, w_bad = quantize_with_state(weight_oi, layer.weight_scaling, record)
+            if weight.dtype == torch.float8_e4m3fn:
+                # gathered in FP8 by a sharding extension (FSDP2, level O3, lightning_plugins.fp8.fsdp): already
+                # cast with the scale every rank agreed on, whose inverse (NaN: not finite) it left on the layer
+                scale_inv = layer.fp8_gathered_scale_inv.clone()
+                wq, w_bad = ScaledTensor(weight_oi, scale_inv), ~torch.isfinite(scale_inv)
+            else:
+                wq, w_bad = quantize_with_state(weight_oi, layer.weight_scaling, record)
             y = backend.mm(xq, wq.t(), out_dtype, use_fast_accum=layer.use_fast_accum)
             y = _poison(y, x_bad | w_bad)
         ctx.save_for_backward(xq.data, xq.scale_inv, wq.data, wq.scale_inv)
@@ -92,7 +98,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = backend.mm(dyq, ScaledTensor(w_data, w_scale_inv), ctx.x_dtype)
                 dx = _poison(dx, dy_bad).reshape(ctx.x_shape)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and layer.wgrad_mode == "fp8"):
                 dw_hp = backend.mm(dyq.t(), ScaledTensor(x_data, x_scale_inv), torch.float32)
                 if layer.transposed_weight:
                     dw_hp = dw_hp.t().contiguous()
@@ -130,6 +136,10 @@ class FP8Linear(nn.Module):
 
     #: the weight is stored ``[out, in]`` (``nn.Linear``); :class:`FP8Conv1D` stores it ``[in, out]``
     transposed_weight = False
+    #: set on a layer whose FP8 weight gradient a sharding wrapper reduces (FSDP2 at O2/O3,
+    #: :mod:`lightning_plugins.fp8.fsdp`): the gradient is computed into the slot (``wgrad_mode="fp8"``) even while
+    #: the weight is registered with ``requires_grad=False``, and the slot's storage may be released between steps
+    wgrad_without_requires_grad = False
 
     def __init__(
         self,
@@ -227,13 +237,39 @@ class FP8Linear(nn.Module):
         object.__setattr__(layer, "_source_layer", linear)
         return layer
 
+    @classmethod
+    def convert_in_place(cls, layer: nn.Module, in_features: int, out_features: int, **kwargs: Any) -> FP8Linear:
+        """Turn this very ``nn.Linear``/``Conv1D`` object into an FP8 layer (its class is swapped, its parameters and
+        every reference to the object stay valid, as FSDP2 needs: it re-sets the gathered parameters on the module
+        object it saw at ``fully_shard`` time). :meth:`to_source_layer` swaps the class back."""
+        source_cls = type(layer)
+        probe = cls(in_features, out_features, bias=layer.bias is not None, device="meta", **kwargs)
+        weight = layer.weight
+        layer.__class__ = cls
+        for key in ("backend", "amax_history_len", "margin", "use_fast_accum"):
+            setattr(layer, key, getattr(probe, key))
+        layer.in_features, layer.out_features = in_features, out_features
+        layer._build_states(weight.device)
+        layer.wgrad_mode = probe.wgrad_mode
+        object.__setattr__(layer, "_in_place_source", source_cls)
+        return layer
+
     def to_source_layer(self) -> nn.Module:
         """The plain layer this one was converted from, holding this layer's current parameters.
 
-        Layers built directly (not by :meth:`from_linear`) give a new ``nn.Linear``. The FP8 weight
-        gradient, if any, is dropped.
+        Layers built directly (not by :meth:`from_linear`) give a new ``nn.Linear``; a layer converted in place
+        (:meth:`convert_in_place`) becomes its plain class again. The FP8 weight gradient, if any, is dropped.
         """
         detach_fp8_grad(self.weight)
+        source_cls = self.__dict__.get("_in_place_source")
+        if source_cls is not None:
+            for name in ("input_scaling", "weight_scaling", "grad_output_scaling", "wgrad_scaling", "wgrad_slot"):
+                self._modules.pop(name, None)
+            for key in ("backend", "amax_history_len", "margin", "use_fast_accum", "wgrad_slot", "_wgrad_mode",
+                        "_in_place_source", "wgrad_without_requires_grad", "fp8_gathered_scale_inv"):
+                self.__dict__.pop(key, None)
+            self.__class__ = source_cls
+            return self
         source = self.__dict__.get("_source_layer")
         if source is None:
             source = self._new_source_layer()
@@ -264,7 +300,8 @@ class FP8Linear(nn.Module):
                 "tensor (a parametrization?); use wgrad_mode='dequantized'."
             )
         # the slot's token takes part only while the weight needs a gradient (its hook attaches the FP8 one)
-        token = self.wgrad_slot.token if self.wgrad_slot is not None and self.weight.requires_grad else None
+        wants_wgrad = self.weight.requires_grad or self.wgrad_without_requires_grad
+        token = self.wgrad_slot.token if self.wgrad_slot is not None and wants_wgrad else None
         y = _FP8LinearFunction.apply(x, self.weight, token, self, out_dtype, record)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -277,6 +314,11 @@ class FP8Linear(nn.Module):
             q, bad = quantize_with_state(dw, self.wgrad_scaling, record)
             return _poison(q.dequantize(weight.dtype), bad | dy_bad)
         slot = self.wgrad_slot
+        if self.wgrad_without_requires_grad and slot.data.untyped_storage().size() == 0:
+            # a sharded reduction freed the full-size slot after the last step: allocate it again, empty
+            slot.data.untyped_storage().resize_(slot.data.numel() * slot.data.element_size())
+            slot.data.zero_()
+            slot.scale_inv.zero_()
         q, bad = quantize_with_state(slot.add_to(dw), self.wgrad_scaling, record)
         # A NaN scale_inv makes the whole stored gradient dequantize to NaN.
         q.scale_inv = torch.where(bad | dy_bad, torch.full_like(q.scale_inv, _NAN), q.scale_inv)

@@ -42,12 +42,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_plugins.fp8.formats import FP16, get_format
+from lightning_plugins.fp8.fsdp import local_tensor
 from lightning_plugins.fp8.linear import FP8Linear
-from lightning_plugins.fp8.multi_tensor import dequantize_many, quantize_many_into
+from lightning_plugins.fp8.multi_tensor import amax_many, dequantize_many, quantize_many_into
 from lightning_plugins.fp8.quantize import quantize
+from lightning_plugins.fp8.scaling import pow2_scale
 from lightning_plugins.fp8.wgrad import clear_fp8_grads, get_fp8_grad
 
 __all__ = [
@@ -121,13 +124,45 @@ def _store(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return q.data, q.scale_inv
 
 
-def _store_many(values: list[torch.Tensor], states: list[dict[str, Any]], key: str, fmt_name: str) -> None:
-    """Write fp32 moments into their states' storage (in place), each quantized with its own scale."""
-    datas = [s[key] for s in states]
+def _store_many(
+    values: list[torch.Tensor], states: list[dict[str, Any]], key: str, fmt_name: str, group: Any = None
+) -> None:
+    """Write fp32 moments into their states' storage (in place), each quantized with its own scale. With a
+    process ``group`` (sharded parameters) the scale comes from the amax over every rank's shard, so that all
+    ranks hold the same per-tensor scale (one ``all_reduce`` per call)."""
+    datas = [local_tensor(s[key]) for s in states]
+    scale_invs = [s[f"{key}_scale_inv"] for s in states]
     if fmt_name == "fp32":
         torch._foreach_copy_(datas, values)
+    elif group is None:
+        quantize_many_into(values, get_format(fmt_name), datas, scale_invs)
     else:
-        quantize_many_into(values, get_format(fmt_name), datas, [s[f"{key}_scale_inv"] for s in states])
+        fmt = get_format(fmt_name)
+        amax = amax_many(values)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        scales = pow2_scale(amax, fmt.max)
+        scaled = torch._foreach_mul(values, list(scales.unbind(0)))
+        torch._foreach_clamp_min_(scaled, -fmt.max)
+        torch._foreach_clamp_max_(scaled, fmt.max)
+        torch._foreach_copy_(datas, scaled)
+        torch._foreach_copy_(scale_invs, list(torch.reciprocal(scales).unbind(0)))
+
+
+def _shard_group(params: list[torch.Tensor]) -> Any:
+    """The process group of sharded (DTensor, 1-D mesh) parameters, or None."""
+    for p in params:
+        if local_tensor(p) is not p:
+            return p.device_mesh.get_group()
+    return None
+
+
+def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A state tensor for ``p``: for a sharded parameter a DTensor laid out like it (for sharded checkpoints)."""
+    if local_tensor(p) is p:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def _chunks(sizes: list[int], max_numel: int) -> list[tuple[int, int]]:
@@ -272,6 +307,12 @@ class _FP8AdamBase(torch.optim.Optimizer):
         for p in group["params"]:
             if id(p) not in self._master_ids or mode == "fp32":
                 continue
+            if local_tensor(p) is not p and p.dtype != torch.float16 and mode == "fp16":
+                raise ValueError(
+                    f"An FP8Linear weight is a sharded (FSDP2) {p.dtype} parameter; FP8 Adam cannot turn a shard into "
+                    "an FP16 master itself. Let the precision plugin convert the model (MSAMPPrecision with "
+                    "ModelParallelStrategy), or use master_weights='fp32'."
+                )
             if mode == "fp16":
                 if p.dtype != torch.float16:
                     p.data = p.data.to(torch.float16)
@@ -305,7 +346,8 @@ class _FP8AdamBase(torch.optim.Optimizer):
         if p.grad is not None:
             if p.grad.is_sparse:
                 raise RuntimeError("FP8 Adam does not support sparse gradients; use torch.optim.SparseAdam.")
-            g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+            grad = local_tensor(p.grad)  # a sharded (FSDP2) parameter: its local shard, like the state
+            g = grad if grad.dtype == torch.float32 else grad.float()
         side = get_fp8_grad(p)
         if side is not None:
             g8 = side.dequantize(torch.float32)
@@ -314,14 +356,14 @@ class _FP8AdamBase(torch.optim.Optimizer):
 
     @staticmethod
     def _init_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        zeros = torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=p.device)
         m, m_sinv = _store(zeros, group["exp_avg_dtype"])
         v, v_sinv = _store(zeros.clone(), group["exp_avg_sq_dtype"])
         return {
             "step": torch.tensor(0.0, dtype=torch.float32),
-            "exp_avg": m,
+            "exp_avg": _like_param(p, m),
             "exp_avg_scale_inv": m_sinv,
-            "exp_avg_sq": v,
+            "exp_avg_sq": _like_param(p, v),
             "exp_avg_sq_scale_inv": v_sinv,
         }
 
@@ -363,14 +405,16 @@ class _FP8AdamBase(torch.optim.Optimizer):
             grads = torch._foreach_neg(grads)
         # For an fp32 param `.float()` is the param itself, so the update is in place (bit-identical to
         # torch's single-tensor Adam with fp32 states); otherwise it is an fp32 copy written back below.
-        thetas = [p.detach().float() for p in params]
+        thetas = [local_tensor(p).detach().float() for p in params]
         if wd != 0:
             if group["decoupled_weight_decay"]:
                 torch._foreach_mul_(thetas, 1 - lr * wd)
             else:
                 grads = torch._foreach_add(grads, thetas, alpha=wd)
-        ms = dequantize_many([s["exp_avg"] for s in states], [s["exp_avg_scale_inv"] for s in states])
-        vs = dequantize_many([s["exp_avg_sq"] for s in states], [s["exp_avg_sq_scale_inv"] for s in states])
+        ms = dequantize_many([local_tensor(s["exp_avg"]) for s in states], [s["exp_avg_scale_inv"] for s in states])
+        vs = dequantize_many(
+            [local_tensor(s["exp_avg_sq"]) for s in states], [s["exp_avg_sq_scale_inv"] for s in states]
+        )
         if sqrt_v:
             torch._foreach_mul_(vs, vs)  # the state holds sqrt(v)
         torch._foreach_lerp_(ms, grads, 1 - beta1)
@@ -386,16 +430,17 @@ class _FP8AdamBase(torch.optim.Optimizer):
         denoms = torch._foreach_div(v_sqrts, [bc2**0.5 for bc2 in bc2s])
         torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(thetas, ms, denoms, [-(lr / bc1) for bc1 in bc1s])
-        _store_many(ms, states, "exp_avg", group["exp_avg_dtype"])
-        _store_many(v_sqrts if sqrt_v else vs, states, "exp_avg_sq", group["exp_avg_sq_dtype"])
+        shards = _shard_group(params)  # sharded params: per-tensor scales agreed by all ranks
+        _store_many(ms, states, "exp_avg", group["exp_avg_dtype"], shards)
+        _store_many(v_sqrts if sqrt_v else vs, states, "exp_avg_sq", group["exp_avg_sq_dtype"], shards)
         self._write_back(params, thetas, group)
 
     def _write_back(self, params: list[torch.Tensor], thetas: list[torch.Tensor], group: dict[str, Any]) -> None:
         """Params whose update ran on an fp32 copy get it back (FP16-scaled masters rounded onto their grid)."""
         scaled = group["master_weights"] == "fp16_scaled"
-        masters = [(p, t) for p, t in zip(params, thetas) if scaled and id(p) in self._master_ids]
-        copies = [(p, t) for p, t in zip(params, thetas)
-                  if not (scaled and id(p) in self._master_ids) and t.data_ptr() != p.data_ptr()]
+        masters = [(local_tensor(p), t) for p, t in zip(params, thetas) if scaled and id(p) in self._master_ids]
+        copies = [(local_tensor(p), t) for p, t in zip(params, thetas)
+                  if not (scaled and id(p) in self._master_ids) and t.data_ptr() != local_tensor(p).data_ptr()]
         if masters:
             torch._foreach_copy_([p for p, _ in masters], _round_to_fp16_scaled([t for _, t in masters]))
         if copies:
@@ -464,23 +509,23 @@ class _FP8AdamBase(torch.optim.Optimizer):
             else torch.tensor(float(step))
         )
         if "exp_avg_scale_inv" not in saved:  # a torch.optim.Adam(W) state: fp32 moments to quantize
-            m = saved["exp_avg"].detach().to(device=p.device, dtype=torch.float32)
-            v = saved["exp_avg_sq"].detach().to(device=p.device, dtype=torch.float32)
+            m = local_tensor(saved["exp_avg"]).detach().to(device=p.device, dtype=torch.float32)
+            v = local_tensor(saved["exp_avg_sq"]).detach().to(device=p.device, dtype=torch.float32)
             if group["sqrt_exp_avg_sq"]:
                 v = v.sqrt()
             m_data, m_sinv = _store(m.clone(), group["exp_avg_dtype"])
             v_data, v_sinv = _store(v.clone(), group["exp_avg_sq_dtype"])
             return {
                 "step": step,
-                "exp_avg": m_data,
+                "exp_avg": _like_param(p, m_data),
                 "exp_avg_scale_inv": m_sinv,
-                "exp_avg_sq": v_data,
+                "exp_avg_sq": _like_param(p, v_data),
                 "exp_avg_sq_scale_inv": v_sinv,
             }
         restored = {"step": step}
         for name, fmt in (("exp_avg", group["exp_avg_dtype"]), ("exp_avg_sq", group["exp_avg_sq_dtype"])):
             data, sinv = saved[name], saved[f"{name}_scale_inv"]
-            if data.dtype != _STATE_DTYPES[fmt] or tuple(data.shape) != tuple(p.shape):
+            if data.dtype != _STATE_DTYPES[fmt] or tuple(local_tensor(data).shape) != tuple(local_tensor(p).shape):
                 raise ValueError(
                     f"State {name} of parameter {key!r} is {data.dtype} {tuple(data.shape)}, expected "
                     f"{_STATE_DTYPES[fmt]} {tuple(p.shape)} ({name} format {fmt!r}); was it saved by another optimizer?"

@@ -1,4 +1,4 @@
-"""``MSAMPFabricPrecision``: MS-AMP's FP8 recipe (O1/O2) as a Lightning Fabric precision plugin.
+"""``MSAMPFabricPrecision``: MS-AMP's FP8 recipe (O1/O2/O3) as a Lightning Fabric precision plugin.
 
 It holds everything that does not depend on the Trainer: conversion, the forward context, the
 FP8 gradient reduction, the skip-on-inf/NaN optimizer step, clipping, and the scaling state. The
@@ -16,6 +16,10 @@ Fabric has no ``connect`` hook, so at O2 swap the optimizer yourself::
 ``Fabric(precision="fp8-msamp")`` (after ``import lightning_plugins``) builds this plugin at level O2, and
 ``fabric.clip_gradients(...)`` then includes the FP8 weight gradients (see ``registration.py``).
 :meth:`restore_module` swaps the FP8 layers back to the plain ones when you are done.
+
+A model already sharded with FSDP2 (``fully_shard``; Lightning's ``ModelParallelStrategy`` with one data-parallel
+dimension) is converted in place, and its FP8 weights, gradients and scales follow the sharded recipe of
+:mod:`lightning_plugins.fp8.fsdp` (O3 also gathers the weights in FP8).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from lightning_plugins.fp8 import (
     revert_fp8,
     set_fp8_grad,
 )
+from lightning_plugins.fp8 import fsdp
 from lightning_plugins.fp8.comm import fp8_all_reduce
 from lightning_plugins.fp8.optim import _FP8AdamBase
 from lightning_plugins.precision import grads, settings
@@ -72,6 +77,10 @@ class MSAMPFabricPrecision(FabricPrecision):
             weights and optimizer untouched (any optimizer). ``"O2"``: O1 plus FP16 master weights
             for the FP8 layers, E4M3 weight gradients kept in FP8, and Adam/AdamW swapped for
             :class:`~lightning_plugins.fp8.FP8AdamW`/``FP8Adam`` (E4M3 first moment, FP16 second moment).
+            ``"O3"``: O2 on a model sharded with FSDP2 (``ModelParallelStrategy``), whose FP8 weights are also
+            all-gathered in FP8 (1 byte per element, one scale per tensor agreed by all ranks); masters and Adam
+            states exist only as shards. O1 and O2 work sharded too (O2: FP16 master shards, FP8 gradients
+            reduce-scattered as E4M3).
         backend: FP8 GEMM backend: ``"auto"`` (``"torch"`` on CUDA compute capability >= 8.9, else
             ``"emulated"``), ``"torch"``, ``"emulated"`` or ``"te"``.
         module_filter_fn: ``(module, fully qualified name) -> bool``; False keeps an ``nn.Linear`` as is.
@@ -110,7 +119,7 @@ class MSAMPFabricPrecision(FabricPrecision):
 
     def __init__(
         self,
-        level: Literal["O1", "O2"] = "O2",
+        level: Literal["O1", "O2", "O3"] = "O2",
         backend: Literal["auto", "torch", "emulated", "te"] = "auto",
         module_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
         exclude: Optional[Sequence[str]] = DEFAULT_EXCLUDE,
@@ -156,14 +165,18 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._ddp_ignore_before: Optional[list[str]] = None
         # scaling states kept by restore_module, for the next conversion of the same model
         self._carried_state: Optional[tuple[weakref.ref, dict[str, Any]]] = None
+        # FSDP2: the sharded layout, and per FP8 layer the weight's former dtype and requires_grad (restore_module)
+        self._sharding: Optional[fsdp.ShardingInfo] = None
+        self._sharded_layers: list[tuple[FP8Linear, torch.dtype, bool]] = []
+        self.all_gather_stats = fsdp.AllGatherStats()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r}, backend={self.backend!r})"
 
     @property
     def wgrad_mode(self) -> str:
-        """How FP8Linear delivers weight gradients: ``"dequantized"`` (``.grad``) at O1, ``"fp8"`` at O2."""
-        return "fp8" if self.level == "O2" else "dequantized"
+        """How FP8Linear delivers weight gradients: ``"dequantized"`` (``.grad``) at O1, ``"fp8"`` at O2/O3."""
+        return "fp8" if self.level in ("O2", "O3") else "dequantized"
 
     @property
     def registry(self) -> ScalingRegistry:
@@ -188,7 +201,27 @@ class MSAMPFabricPrecision(FabricPrecision):
                 f"{type(self).__name__} already converted a model ({type(self._module).__name__}) and tracks its "
                 "FP8 scales; use one plugin instance per model."
             )
-        _refuse_sharded(module)
+        sharding = fsdp.sharding_info(module)
+        if sharding is None and self.level == "O3":
+            raise ValueError(
+                "MSAMPPrecision(level='O3') shards the FP8 weights, the FP16 masters and the Adam states, and needs a "
+                "model sharded with FSDP2: use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+                "tensor_parallel_size=1)) and apply fully_shard in configure_model. Without sharding use level='O2' "
+                "(single device or strategy='ddp')."
+            )
+        if sharding is not None and self.level != "O1" and self.master_weights == "fp16_scaled":
+            raise ValueError(
+                "master_weights='fp16_scaled' is not supported with sharded (FSDP2) parameters; allowed there: "
+                "'fp16' (MS-AMP's FP16 master shards) or 'fp32'."
+            )
+        if sharding is not None and self.level == "O3":
+            fsdp.check_fp8_all_gather(sharding)
+        if sharding is not None and self.checkpoint_format == "portable":
+            raise ValueError(
+                "checkpoint_format='portable' converts full (unsharded) weights and optimizer states and is not "
+                "supported with sharded (FSDP2) parameters; allowed there: 'native' (a sharded distributed "
+                "checkpoint with the FP16 masters, the FP8/FP16 Adam states and the scales)."
+            )
         self._check_existing_layers(module)
         # the default patterns (even an unpickled copy) must not warn when they match nothing
         exclude = DEFAULT_EXCLUDE if tuple(self.exclude) == DEFAULT_EXCLUDE else self.exclude
@@ -202,6 +235,7 @@ class MSAMPFabricPrecision(FabricPrecision):
             margin=self.margin,
             wgrad_mode=self.wgrad_mode,
             log_table=False,
+            in_place=sharding is not None,  # FSDP2 keeps references to the layer objects
         )
         rank_zero_info(f"{type(self).__name__}(level={self.level}): {report.table()}")
         self.conversion_report = report
@@ -213,7 +247,12 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._fp8_weight_names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in ids]
         self._master_dtypes = []
         self._ddp_ignore_before = None
-        if self.level == "O2":
+        self._sharding, self._sharded_layers = sharding, []
+        if sharding is not None:
+            self._reduce_group = sharding.group if sharding.world_size > 1 else None
+            if self.level != "O1":
+                self._prepare_sharded(sharding)
+        elif self.level == "O2":
             if self.master_weights == "fp16":
                 for w in weights:
                     if w.dtype != torch.float16:
@@ -222,7 +261,7 @@ class MSAMPFabricPrecision(FabricPrecision):
             self._ddp_ignore_before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
             _ignore_in_ddp(module, self._fp8_weight_names)
             _broadcast_from_rank0([w.data for w in weights])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if sharding is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._reduce_group = dist.group.WORLD
         carried, self._carried_state = self._carried_state, None
         if self._pending_state is None and carried is not None and carried[0]() is module and carried[1]:
@@ -233,6 +272,19 @@ class MSAMPFabricPrecision(FabricPrecision):
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
         return module
+
+    def _prepare_sharded(self, sharding: fsdp.ShardingInfo) -> None:
+        """O2/O3 on FSDP2: FP16 master shards outside FSDP's gradient reduction; O3: the FP8 all-gather."""
+        master = torch.float16 if self.master_weights == "fp16" else None
+        for layer in self._converted:
+            dtype, requires_grad = layer.weight.dtype, layer.weight.requires_grad
+            fsdp.prepare_fp8_weight(sharding, layer, master)
+            if self.level == "O3":
+                fsdp.enable_fp8_all_gather(sharding, layer, self.all_gather_stats)
+            self._sharded_layers.append((layer, dtype, requires_grad))
+        fsdp.finish_fp8_weights(self._module, sharding, [layer for layer, _, _ in self._sharded_layers])
+        ids = {id(w) for w in fp8_linear_weights(self._module)}
+        self._fp8_weight_names = [n for n, p in self._module.named_parameters(remove_duplicate=False) if id(p) in ids]
 
     def restore_module(self) -> int:
         """Swap the FP8 layers this plugin converted back to their plain layers (``nn.Linear``/``Conv1D``).
@@ -246,6 +298,10 @@ class MSAMPFabricPrecision(FabricPrecision):
         if module is None:
             return 0
         state = self.state_dict()
+        for layer, dtype, requires_grad in self._sharded_layers:
+            fsdp.restore_fp8_weight(self._sharding, layer, dtype, requires_grad)
+        if self._sharded_layers:
+            fsdp.refresh_dtypes(self._sharding)
         restored = revert_fp8(module, self._converted)
         for weight, dtype in self._master_dtypes:
             if weight.dtype != dtype:
@@ -256,6 +312,7 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._module = None
         self._registry = None
         self._converted, self._master_dtypes, self._ddp_ignore_before = [], [], None
+        self._sharding, self._sharded_layers = None, []
         return restored
 
     def fp8_statistics(self, saturation: Optional[SaturationCounter] = None, per_layer: bool = False) -> dict[str, Any]:
@@ -274,20 +331,20 @@ class MSAMPFabricPrecision(FabricPrecision):
             )
 
     def convert_optimizer(self, optimizer: Optimizer, model: nn.Module) -> Optimizer:
-        """At O2, the FP8 counterpart of a ``torch.optim.Adam``/``AdamW`` (same param groups); else ``optimizer``.
+        """At O2/O3, the FP8 counterpart of a ``torch.optim.Adam``/``AdamW`` (same param groups); else ``optimizer``.
 
         The FP8Linear weights among its parameters become FP16 master weights; an optimizer that owns none (adapters
         trained over frozen FP8 layers, e.g. GS-LoRA's) gets FP8/FP16 moments only.
 
         Raises:
-            TypeError: at O2 for any other optimizer class.
+            TypeError: at O2/O3 for any other optimizer class.
             ValueError: for an unsupported Adam option (amsgrad, fused, foreach, capturable, differentiable).
         """
-        if self.level != "O2" or isinstance(optimizer, _FP8AdamBase):
+        if self.level == "O1" or isinstance(optimizer, _FP8AdamBase):
             return optimizer
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
             raise TypeError(
-                f"MSAMPPrecision(level='O2') keeps Adam's moments in FP8/FP16 and needs torch.optim.Adam or "
+                f"MSAMPPrecision(level={self.level!r}) keeps Adam's moments in FP8/FP16 and needs torch.optim.Adam or "
                 f"torch.optim.AdamW, got {type(optimizer).__module__}.{type(optimizer).__qualname__}. Return Adam/AdamW "
                 "from configure_optimizers, or use level='O1' (FP8 compute and communication, any optimizer)."
             )
@@ -330,7 +387,7 @@ class MSAMPFabricPrecision(FabricPrecision):
     # ------------------------------------------------------------------ gradients and the step
 
     def _fp8_weight_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self._module is None or self.level != "O2":
+        if self._module is None or self.level == "O1":
             return []
         ids = {id(w) for w in fp8_linear_weights(self._module)}
         return [p for p in params if id(p) in ids]
@@ -345,6 +402,11 @@ class MSAMPFabricPrecision(FabricPrecision):
         A no-op on one process. Every rank must call it with the same parameters; a parameter without
         a gradient on some rank takes part with zeros there if any rank has one.
         """
+        if self._sharding is not None:
+            if self.level != "O1":
+                layers = [layer for layer, _, _ in self._sharded_layers if layer.wgrad_without_requires_grad]
+                fsdp.reduce_scatter_fp8_grads(self._sharding, layers, self.grad_comm)
+            return
         if self._world() == 1:
             return
         weights = self._fp8_weight_params(list(params))
@@ -363,7 +425,7 @@ class MSAMPFabricPrecision(FabricPrecision):
             set_fp8_grad(w, r)
 
     def _found_nonfinite(self, params: Sequence[torch.Tensor]) -> bool:
-        flag = grads.grads_nonfinite(params)
+        flag = fsdp.sharded_grads_nonfinite(params) if self._sharding is not None else grads.grads_nonfinite(params)
         if self._registry is not None:
             flag = flag | self._registry.found_nonfinite().to(flag.device)
         if self._world() > 1:
@@ -388,9 +450,16 @@ class MSAMPFabricPrecision(FabricPrecision):
             clear_fp8_grads(p for g in optimizer.param_groups for p in g["params"])
         else:
             result = optimizer.step(**kwargs)
-        if self._registry is not None:
-            self._registry.update()
+        self._update_scaling()
         return result
+
+    def _update_scaling(self) -> None:
+        """The delayed-scaling update; sharded, after agreeing on every amax, so that all ranks hold the same scales."""
+        if self._registry is None:
+            return
+        if self._sharding is not None and self._reduce_group is not None:
+            fsdp.all_reduce_amaxes(list(self._registry.states().values()), self._reduce_group)
+        self._registry.update()
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """Fabric: reduce FP8 gradients, then step, or skip the step on inf/NaN gradients."""
@@ -399,12 +468,19 @@ class MSAMPFabricPrecision(FabricPrecision):
         return self._step_or_skip(optimizer, self._found_nonfinite(params), **kwargs)
 
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float], norm_type: float = 2.0) -> Any:
-        """Clip the total norm of ``.grad`` and FP8 gradients (FP8 ones through their scale); returns the norm."""
+        """Clip the total norm of ``.grad`` and FP8 gradients (FP8 ones through their scale); returns the norm.
+        Sharded (FSDP2): the norm of the whole gradient, over every rank's shard."""
+        if self._sharding is not None:
+            group = self._reduce_group or self._sharding.group
+            return fsdp.sharded_clip_grad_norm_(self.main_params(optimizer), clip_val, norm_type, group)
         return grads.clip_grad_norm_(self.main_params(optimizer), clip_val, norm_type)
 
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """Clamp ``.grad`` and FP8 gradients elementwise to ``[-clip_val, clip_val]``."""
-        grads.clip_grad_value_(self.main_params(optimizer), clip_val)
+        if self._sharding is not None:
+            fsdp.sharded_clip_grad_value_(self.main_params(optimizer), clip_val)
+        else:
+            grads.clip_grad_value_(self.main_params(optimizer), clip_val)
 
     # ------------------------------------------------------------------ state
 
@@ -445,18 +521,6 @@ class MSAMPFabricPrecision(FabricPrecision):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _refuse_sharded(module: nn.Module) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return
-    if any(isinstance(p, DTensor) for p in module.parameters()):
-        raise RuntimeError(
-            "MSAMPPrecision found sharded (DTensor) parameters: FSDP2/ModelParallelStrategy is not supported. "
-            "Use a single device or DDP (strategy='ddp')."
-        )
 
 
 def _ignore_in_ddp(module: nn.Module, names: Sequence[str]) -> None:

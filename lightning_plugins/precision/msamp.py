@@ -1,11 +1,15 @@
-"""``MSAMPPrecision``: the Trainer plugin behind ``precision="fp8-msamp"`` (MS-AMP's FP8 recipe, O1/O2).
+"""``MSAMPPrecision``: the Trainer plugin behind ``precision="fp8-msamp"`` (MS-AMP's FP8 recipe, O1/O2/O3).
 
 What each Trainer hook does (the FP8 machinery itself is in :mod:`lightning_plugins.fp8`):
 
-* ``convert_module``: ``nn.Linear`` -> ``FP8Linear`` in place, table logged (see the Fabric base class).
+* ``convert_module``: ``nn.Linear`` -> ``FP8Linear`` in place, table logged (see the Fabric base class). Under
+  ``ModelParallelStrategy`` (FSDP2, applied by the user in ``configure_model``, which Lightning runs first) the
+  layer objects themselves become FP8 layers (FSDP keeps references to them); O2/O3 re-type the weight shards to
+  FP16 masters and O3 adds the FP8 all-gather (:mod:`lightning_plugins.fp8.fsdp`).
 * ``connect``: O2 swaps ``Adam``/``AdamW`` for ``FP8Adam``/``FP8AdamW`` and re-binds the LR
   schedulers; with DDP at O1 it registers the FP8 gradient communication hook.
-* ``optimizer_step``: closure, FP8 gradient reduction (O2 + DDP), inf/NaN check, Lightning's
+* ``optimizer_step``: closure, FP8 gradient reduction (O2 + DDP; O2/O3 + FSDP2: reduce-scatter), inf/NaN check
+  (agreed by all ranks), Lightning's
   ``on_before_optimizer_step`` + clipping, then the step or a skip, then the delayed-scaling update.
 * ``clip_grad_by_norm``/``clip_grad_by_value``: include the FP8 weight gradients.
 * ``val/test/predict_step_context``: FP8 casts record nothing (the amax history sees training only).
@@ -51,6 +55,8 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         """O2: swap Adam/AdamW for the FP8 optimizers and re-bind the LR schedulers. DDP: set up FP8 communication."""
         self._reduce_group = None
+        if self._sharding is not None:  # FSDP2 (ModelParallelStrategy): the data-parallel group of the shards
+            self._reduce_group = self._sharding.group if self._sharding.world_size > 1 else None
         if isinstance(model, DistributedDataParallel):
             if torch.distributed.get_world_size(model.process_group) > 1:
                 self._reduce_group = model.process_group
@@ -117,8 +123,7 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
             closure_result = closure()
         if closure_result is None and model.automatic_optimization:
             # training_step returned None: no backward, nothing to step (as Lightning's AMP plugin).
-            if self._registry is not None:
-                self._registry.update()
+            self._update_scaling()
             return closure_result
         params = list(self.main_params(optimizer))
         self.reduce_fp8_grads(params)
@@ -172,11 +177,12 @@ class MSAMPPrecision(Precision, MSAMPFabricPrecision):
 
 # One docstring for both plugins' options, so that LightningCLI's --help documents every argument.
 MSAMPPrecision.__doc__ = (
-    """FP8 mixed-precision training with MS-AMP's O1/O2 recipe, for ``Trainer(plugins=[...])``.
+    """FP8 mixed-precision training with MS-AMP's O1/O2/O3 recipe, for ``Trainer(plugins=[...])``.
 
     ``Trainer(precision="fp8-msamp")`` (after ``import lightning_plugins``) is ``MSAMPPrecision()``, i.e.
     level ``"O2"``. Runs on CPU (emulated FP8 GEMMs, same arithmetic) and on CUDA GPUs with FP8 (compute
-    capability >= 8.9), with single-device and DDP strategies.
+    capability >= 8.9), with single-device, DDP and ``ModelParallelStrategy`` (FSDP2, one data-parallel
+    dimension; ``fully_shard`` applied in ``configure_model``) strategies; O3 needs the latter.
 
 """
     + MSAMPFabricPrecision.__doc__.split("\n\n", 1)[1]

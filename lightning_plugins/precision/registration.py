@@ -11,7 +11,11 @@ through unchanged (so a traceback shows our frame only for an error about the pr
    instance had been passed in ``plugins`` (Lightning's own rules then apply, e.g. its error when both the string
    and a precision plugin are given). For Fabric with an FP8 plugin (string or instance), the strategy's gradient
    clipping includes the FP8 weight gradients and, at O2, ``fabric.setup`` swaps Adam/AdamW for the FP8 optimizer.
-3. ``lightning.pytorch.Trainer.__init__.__annotations__["precision"]``: the ``Literal`` of allowed values
+3. ``_AcceleratorConnector._check_strategy_and_fallback`` (Trainer): with the FP8 precision (string or instance),
+   strategies it cannot train with (``"fsdp"``/FSDP1, DeepSpeed, tensor parallelism, O3 without
+   ``ModelParallelStrategy``) are refused with an error naming the supported ones (:func:`check_strategy`), before
+   Lightning's own checks; ``_check_and_init_precision`` checks the strategy instance again.
+4. ``lightning.pytorch.Trainer.__init__.__annotations__["precision"]``: the ``Literal`` of allowed values
    gains ``"fp8-msamp"``, so that ``LightningCLI`` (jsonargparse validates against it) accepts
    ``trainer: {precision: fp8-msamp}``. This needs the patch to be applied before the CLI builds its
    parser, which ``import lightning_plugins`` does.
@@ -45,6 +49,7 @@ __all__ = [
     "unregister_precision_flag",
     "is_registered",
     "lightning_version_supported",
+    "check_strategy",
 ]
 
 PRECISION_FLAG = "fp8-msamp"
@@ -90,6 +95,8 @@ def _targets() -> tuple[Any, Any, type, type, type]:
     for connector in connectors:
         if not callable(getattr(connector, "_check_and_init_precision", None)):
             raise _unsupported(f"{connector.__name__} has no _check_and_init_precision")
+    if not callable(getattr(connectors[0], "_check_strategy_and_fallback", None)):
+        raise _unsupported("_AcceleratorConnector has no _check_strategy_and_fallback")
     if "precision" not in getattr(Trainer.__init__, "__annotations__", {}):
         raise _unsupported("Trainer.__init__ has no 'precision' annotation")
     return fabric_connector, trainer_connector, connectors[0], connectors[1], Trainer
@@ -114,10 +121,81 @@ def _wrap_trainer_precision(original: Any) -> Any:
 
             self._precision_plugin_flag = MSAMPPrecision()
             self._precision_flag = "32-true"  # what Lightning records when a plugin instance is passed
-        return original(self)
+        precision = original(self)
+        check_strategy(self.strategy, precision)
+        return precision
 
     setattr(_check_and_init_precision, _MARK, original)
     return _check_and_init_precision
+
+
+SUPPORTED_STRATEGIES = (
+    "a single device",
+    "strategy='ddp' (or 'ddp_spawn', 'ddp_fork')",
+    "strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2; required by level O3)",
+)
+
+
+def check_strategy(strategy: Any, precision: Any) -> None:
+    """Refuse, when the Trainer is built, the strategies the FP8 plugin cannot train with (never a silent fallback).
+
+    ``strategy`` is a strategy instance or a registered strategy name (``"fsdp"``, ``"deepspeed_stage_2"``...).
+
+    Raises:
+        ValueError: for ``strategy="fsdp"`` (FSDP1), DeepSpeed, level O3 without ``ModelParallelStrategy``, or
+            ``ModelParallelStrategy`` with tensor parallelism.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_plugins.precision.fabric import MSAMPFabricPrecision
+
+    if not isinstance(precision, MSAMPFabricPrecision) and precision != PRECISION_FLAG:
+        return
+    supported = "; ".join(SUPPORTED_STRATEGIES)
+    name = type(strategy).__name__
+    if isinstance(strategy, str):
+        name = f"strategy={strategy!r}"
+        if strategy in FSDPStrategy.get_registered_strategies():
+            name = f"FSDPStrategy ({name})"
+        elif strategy.startswith("deepspeed"):  # the names DeepSpeedStrategy registers
+            name = f"DeepSpeedStrategy ({name})"
+    if isinstance(strategy, FSDPStrategy) or name.startswith("FSDPStrategy"):
+        raise ValueError(
+            f"precision={PRECISION_FLAG!r} does not support {name} (strategy='fsdp', FSDP1: its flat parameters "
+            f"cannot hold FP8 layers' masters and scales). Supported: {supported}. For sharded FP8 training use "
+            "ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard in configure_model."
+        )
+    if isinstance(strategy, DeepSpeedStrategy) or name.startswith("DeepSpeedStrategy"):
+        raise ValueError(
+            f"precision={PRECISION_FLAG!r} does not support {name} (DeepSpeed keeps its own master weights and "
+            f"optimizer states). Supported: {supported}."
+        )
+    if isinstance(strategy, str):
+        return  # the rest is judged on the strategy instance
+    if getattr(precision, "level", None) == "O3" and not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"MSAMPPrecision(level='O3') shards the FP8 weights and needs ModelParallelStrategy (FSDP2), got {name}. "
+            f"Use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)), or "
+            "level='O2' with the other strategies."
+        )
+    tp = getattr(strategy, "_tensor_parallel_size", None)
+    if isinstance(strategy, ModelParallelStrategy) and isinstance(tp, int) and tp > 1:
+        raise ValueError(
+            f"precision={PRECISION_FLAG!r} with ModelParallelStrategy supports data parallelism only "
+            f"(tensor_parallel_size=1), got tensor_parallel_size={tp}. Supported: {supported}."
+        )
+
+
+def _wrap_trainer_strategy_check(original: Any) -> Any:
+    @functools.wraps(original)
+    def _check_strategy_and_fallback(self: Any) -> Any:
+        # before Lightning's own checks (e.g. its "fsdp needs a GPU"), which would not name what FP8 supports
+        precision = self._precision_plugin_flag if self._precision_plugin_flag is not None else self._precision_flag
+        check_strategy(self._strategy_flag, precision)
+        return original(self)
+
+    setattr(_check_strategy_and_fallback, _MARK, original)
+    return _check_strategy_and_fallback
 
 
 def _wrap_fabric_precision(original: Any) -> Any:
@@ -204,6 +282,7 @@ def register_precision_flag() -> None:
     _patch(fabric_module, "_convert_precision_to_unified_args", _wrap_convert)
     _patch(trainer_module, "_convert_precision_to_unified_args", _wrap_convert)
     _patch(trainer_connector, "_check_and_init_precision", _wrap_trainer_precision)
+    _patch(trainer_connector, "_check_strategy_and_fallback", _wrap_trainer_strategy_check)
     _patch(fabric_connector, "_check_and_init_precision", _wrap_fabric_precision)
     warnings.filterwarnings("ignore", message=_SUMMARY_WARNING, category=UserWarning)
     _ORIGINALS.setdefault("registered", True)

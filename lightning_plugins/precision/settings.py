@@ -9,7 +9,7 @@ import torch
 
 from lightning_plugins.fp8 import BACKENDS, DEFAULT_EXCLUDE, EXP_AVG_DTYPES, EXP_AVG_SQ_DTYPES, MASTER_WEIGHTS
 
-LEVELS = ("O1", "O2")
+LEVELS = ("O1", "O2", "O3")
 GRAD_COMMS = ("fp8", "hp")
 CHECKPOINT_FORMATS = ("native", "portable")
 STAT_MODES = ("summary", "per_layer", "off")
@@ -39,14 +39,15 @@ def check_bool(option: str, value: Any) -> bool:
 
 
 def check_level(level: Any) -> str:
-    """Normalize ``"o1"``/``"O1"`` and ``"o2"``/``"O2"``; anything else is an error."""
+    """Normalize ``"o1"``/``"O1"``, ``"o2"``/``"O2"`` and ``"o3"``/``"O3"``; anything else is an error."""
     normalized = level.upper() if isinstance(level, str) else level
     return check_choice(
         "MS-AMP level",
         normalized,
         LEVELS,
         "O1 = FP8 GEMMs and FP8 gradient communication with any optimizer; O2 = O1 + FP8/FP16 Adam states and "
-        "FP16 master weights (needs Adam/AdamW). O3 (sharded FP8 weights) is not supported.",
+        "FP16 master weights (needs Adam/AdamW); O3 = O2 with FP8 weights all-gathered in FP8 and masters/states "
+        "sharded (needs ModelParallelStrategy, i.e. FSDP2).",
     )
 
 

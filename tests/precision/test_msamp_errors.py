@@ -15,7 +15,7 @@ from lightning_plugins.fp8 import convert_to_fp8
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"level": "O3"}, ValueError, r"Unknown MS-AMP level 'O3'; allowed: \['O1', 'O2'\]"),
+        ({"level": "O4"}, ValueError, r"Unknown MS-AMP level 'O4'; allowed: \['O1', 'O2', 'O3'\]"),
         ({"level": 2}, ValueError, "Unknown MS-AMP level 2"),
         ({"backend": "cuda"}, ValueError, r"Unknown FP8 GEMM backend 'cuda'; allowed: \['auto', 'torch'"),
         ({"compute_dtype": torch.float16}, ValueError, "use 'bfloat16'"),
