@@ -4,7 +4,9 @@
 # 1. installs the project without build isolation (nothing can be downloaded there; setuptools is installed),
 # 2. runs the CUDA cases of the FP8 device tests (torch._scaled_mm vs the CPU emulation, Trainer O1/O2,
 #    torch.compile as one graph),
-# 3. runs benchmarks/gpu_fp8.py (GEMM throughput, ~1B GPT step eager and compiled, peak memory).
+# 3. runs benchmarks/gpu_fp8.py (GEMM throughput, ~1B GPT step eager and compiled, peak memory),
+# 4. runs benchmarks/fp8_sharded.py on one GPU: a ModelParallelStrategy (FSDP2, NCCL) O3 step next to bf16-mixed
+#    (per-rank bytes/param, all-gather bytes; the 2-rank CPU run is in benchmarks/results/fp8_sharded.md).
 # Logs and results go to $OUT (the device tool's folder), else benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +32,9 @@ tests_rc=${PIPESTATUS[0]}
 "$py" benchmarks/gpu_fp8.py --budget-s 150 --out-dir "$out" 2>&1 | tee "$out/gpu_fp8.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_fp8.sh: tests exit $tests_rc, benchmark exit $bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+timeout 120 "$py" benchmarks/fp8_sharded.py --accelerator cuda --devices 1 --modes "bf16-mixed,fp8-msamp O3" \
+  --d-model 1024 --layers 4 --out "$out" 2>&1 | tee "$out/gpu_fp8_sharded.log"
+sharded_rc=${PIPESTATUS[0]}
+
+echo "gpu_fp8.sh: tests exit $tests_rc, benchmark exit $bench_rc, sharded O3 exit $sharded_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$sharded_rc" -eq 0 ]

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_plugins.fp8.buffers import DeviceOnlyBuffers
 from lightning_plugins.fp8.formats import FloatFormat, get_format
