@@ -16,8 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- matrix:start -->\n", "<!-- matrix:end -->"
 LABELS = {"python": "Python", "yaml": "YAML"}
-COLUMNS = [("32-true", False, "`32-true`"), ("fp8-O1", False, "FP8 O1"), ("fp8-O2", False, "FP8 O2"),
-           ("fp8-O1", True, "DDP, FP8 O1"), ("fp8-O2", True, "DDP, FP8 O2")]
+COLUMNS = [("32-true", "single", "`32-true`"), ("fp8-O1", "single", "FP8 O1"), ("fp8-O2", "single", "FP8 O2"),
+           ("fp8-O1", "ddp", "DDP, FP8 O1"), ("fp8-O2", "ddp", "DDP, FP8 O2"),
+           ("fp8-O1", "fsdp2", "FSDP2, FP8 O1"), ("fp8-O2", "fsdp2", "FSDP2, FP8 O2"),
+           ("fp8-O3", "fsdp2", "FSDP2, FP8 O3")]
 
 
 def _cells():
@@ -41,8 +43,8 @@ def table() -> str:
             if not row:
                 continue
             entries = []
-            for precision, ddp, _ in COLUMNS:
-                found = [c for c in row if c.precision == precision and c.ddp == ddp]
+            for precision, strategy, _ in COLUMNS:
+                found = [c for c in row if c.precision == precision and c.strategy == strategy]
                 parts = []
                 for cell in found:
                     label = LABELS[cell.interface]

@@ -16,6 +16,9 @@ from torch import nn
 
 __all__ = ["shard_with_fsdp2", "hf_block_types"]
 
+#: LightningModule methods that run as forwards of the root FSDP2 unit
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
 
 def shard_with_fsdp2(module: nn.Module, mesh: Optional[Any], block_types: Iterable[type] = (),
                      block_names: Iterable[str] = ()) -> int:
@@ -24,7 +27,7 @@ def shard_with_fsdp2(module: nn.Module, mesh: Optional[Any], block_types: Iterab
     units made (0 without a mesh, or when ``module`` is already sharded: the hook runs again on a later fit)."""
     if mesh is None:
         return 0
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(module, FSDPModule):
         return 0
@@ -43,6 +46,11 @@ def shard_with_fsdp2(module: nn.Module, mesh: Optional[Any], block_types: Iterab
     for block in blocks:
         fully_shard(block, mesh=data_mesh)
     fully_shard(module, mesh=data_mesh)
+    # FSDP2 gathers a unit's parameters around its forward; the steps of a LightningModule often reach their
+    # submodules without calling the module's own forward, so the steps count as forwards of the root unit too
+    for name in STEP_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
     return len(blocks) + 1
 
 

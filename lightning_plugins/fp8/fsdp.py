@@ -50,6 +50,7 @@ __all__ = [
     "prepare_fp8_weight",
     "finish_fp8_weights",
     "restore_fp8_weight",
+    "reshard_all",
     "refresh_dtypes",
     "enable_fp8_all_gather",
     "check_fp8_all_gather",
@@ -223,6 +224,16 @@ def finish_fp8_weights(module: nn.Module, info: ShardingInfo, layers: Sequence[F
     for layer in layers:
         if layer.wgrad_without_requires_grad:
             info.fsdp_param(layer).sharded_param.requires_grad_(True)
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back in its sharded state (a root unit stays gathered after a forward
+    without backward, e.g. a last validation step)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def restore_fp8_weight(info: ShardingInfo, layer: FP8Linear, dtype: torch.dtype, requires_grad: bool) -> None:

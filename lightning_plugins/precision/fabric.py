@@ -298,6 +298,8 @@ class MSAMPFabricPrecision(FabricPrecision):
         if module is None:
             return 0
         state = self.state_dict()
+        if self._sharded_layers:
+            fsdp.reshard_all(module)
         for layer, dtype, requires_grad in self._sharded_layers:
             fsdp.restore_fp8_weight(self._sharding, layer, dtype, requires_grad)
         if self._sharded_layers:

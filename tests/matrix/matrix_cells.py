@@ -27,10 +27,18 @@ PRECISIONS = ("32-true", "fp8-O1", "fp8-O2")
 INTERFACES = ("python", "yaml")
 MODULES = ("ImageClassifier", "FaceRecognizer", "ObjectDetector", "SFTModule", "RewardModel", "DPOModule")
 FORGETTING = ("ImageClassifier", "FaceRecognizer", "ObjectDetector")  # modules GSLoRA can make forget
+STRATEGIES = ("single", "ddp", "fsdp2")
 # DDP (ddp_spawn, 2 CPU processes, gloo; Python API only), FP8 O1 and O2. A DDP cell costs 11-18 s (mostly starting
 # the two processes): every vision module, and SFTModule for the alignment family (RewardModel and DPOModule pass
 # too, 13-17 s each, but would take the file past its time budget)
 DDP_MODULES = ("ImageClassifier", "FaceRecognizer", "ObjectDetector", "SFTModule")
+# FSDP2 (ModelParallelStrategy(data_parallel_size=2), 2 CPU processes started like torchrun's, gloo): every FP8 level
+# (O3 exists only there) on the classifier, through both interfaces for O3 (the documented CLI form); O2 on one
+# module of each other family. 12-20 s a cell, so not every module at every level.
+FSDP2_CELLS = (("ImageClassifier", "fp8-O1", "python"), ("ImageClassifier", "fp8-O2", "python"),
+               ("ImageClassifier", "fp8-O3", "python"), ("ImageClassifier", "fp8-O3", "yaml"),
+               ("FaceRecognizer", "fp8-O2", "python"), ("ObjectDetector", "fp8-O2", "python"),
+               ("SFTModule", "fp8-O2", "python"))
 # cells that fail because of a known bug: cell id -> reason (kept as xfail(strict=True), shown in the table)
 XFAIL: dict[str, str] = {}
 
@@ -38,20 +46,28 @@ XFAIL: dict[str, str] = {}
 @dataclass(frozen=True)
 class Cell:
     module: str
-    precision: str  # one of PRECISIONS
+    precision: str  # one of PRECISIONS, or "fp8-O3" (FSDP2 cells)
     gslora: bool
     interface: str  # one of INTERFACES
-    ddp: bool = False
+    strategy: str = "single"  # one of STRATEGIES
+
+    @property
+    def ddp(self) -> bool:
+        return self.strategy == "ddp"
+
+    @property
+    def ranks(self) -> int:
+        return 1 if self.strategy == "single" else 2
 
     @property
     def id(self) -> str:
         parts = [self.module, self.precision, "gslora" if self.gslora else "plain", self.interface]
-        return "-".join(parts + (["ddp"] if self.ddp else []))
+        return "-".join(parts + ([self.strategy] if self.strategy != "single" else []))
 
     @property
     def slow(self) -> bool:
-        """More than 10 s (marked slow, still run by ``make test``): the DDP cells, 11-18 s; the others take < 3 s."""
-        return self.ddp
+        """More than 10 s (marked slow, still run by ``make test``): the 2-process cells, 11-20 s; the others < 3 s."""
+        return self.ranks > 1
 
     @property
     def xfail(self) -> Optional[str]:
@@ -62,8 +78,10 @@ def _cells() -> list[Cell]:
     cells = [Cell(module, precision, gslora, interface)
              for module in MODULES for gslora in ((False, True) if module in FORGETTING else (False,))
              for precision in PRECISIONS for interface in INTERFACES]
-    cells += [Cell(module, precision, False, "python", ddp=True)
+    cells += [Cell(module, precision, False, "python", strategy="ddp")
               for module in DDP_MODULES for precision in ("fp8-O1", "fp8-O2")]
+    cells += [Cell(module, precision, False, interface, strategy="fsdp2")
+              for module, precision, interface in FSDP2_CELLS]
     return cells
 
 
@@ -140,7 +158,7 @@ def run_config(cell: Cell, data_dir: str | Path, out_dir: str | Path) -> dict[st
     if parts["gslora"] is not None:
         callbacks.append(parts["gslora"])
     trainer: dict[str, Any] = dict(
-        accelerator="cpu", devices=2 if cell.ddp else 1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=cell.ranks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=str(out_dir), callbacks=callbacks,
     )
@@ -150,10 +168,13 @@ def run_config(cell: Cell, data_dir: str | Path, out_dir: str | Path) -> dict[st
         trainer.update(max_steps=STEPS)
     if cell.precision == "fp8-O2":
         trainer["precision"] = "fp8-msamp"
-    elif cell.precision == "fp8-O1":
-        trainer["plugins"] = [_spec("MSAMPPrecision", level="O1")]
+    elif cell.precision in ("fp8-O1", "fp8-O3"):
+        trainer["plugins"] = [_spec("MSAMPPrecision", level=cell.precision[-2:])]
     if cell.ddp:
         trainer["strategy"] = "ddp_spawn"
+    elif cell.strategy == "fsdp2":
+        trainer["strategy"] = _spec("lightning.pytorch.strategies.ModelParallelStrategy", data_parallel_size=2,
+                                    tensor_parallel_size=1)
     return {"seed_everything": 0, "trainer": trainer, "model": parts["model"], "data": parts["data"]}
 
 
@@ -197,8 +218,40 @@ def fit_yaml(config: dict[str, Any], path: str | Path) -> None:
     main(["fit", "--config", str(path)])
 
 
+def fit_in_ranks(cell: Cell, config: dict[str, Any], out_dir: str | Path) -> None:
+    """Run ``cell``'s fit in 2 fresh processes given torchrun's environment (Lightning then starts none itself:
+    its ``ModelParallelStrategy`` launcher would re-run the whole pytest command)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_rank_main, args=(cell.ranks, port, cell.interface, config, str(out_dir)), nprocs=cell.ranks,
+                       start_method="spawn", join=True)
+
+
+def _rank_main(rank: int, world: int, port: int, interface: str, config: dict[str, Any], out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    importlib.import_module("lightning_plugins")  # registers the string flag in the fresh process
+    if interface == "python":
+        fit_python(config)
+    else:
+        fit_yaml(config, Path(out_dir) / f"config_rank{rank}.yaml")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def read_probes(out_dir: str | Path, ranks: int) -> list[dict[str, Any]]:
     return [json.loads((Path(out_dir) / f"probe_rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (DTensor) parameter (a collective: every rank calls it), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ---------------------------------------------------------------------------------------------------- the probe
@@ -256,7 +309,7 @@ class MatrixProbe(pl.Callback):
         from lightning_plugins.callbacks import GSLoRA
         from lightning_plugins.callbacks.gslora.lora import find_lora
 
-        final = {k: v.detach().float() for k, v in pl_module.named_parameters()}
+        final = {k: _full(v).detach().float() for k, v in pl_module.named_parameters()}
         report = getattr(trainer.precision_plugin, "conversion_report", None)
         gslora = [c for c in trainer.callbacks if isinstance(c, GSLoRA)]
         self.record.update(

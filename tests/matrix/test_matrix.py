@@ -1,5 +1,6 @@
 """The combination matrix (issue 12): every module of the suite trains with every plugin, through the Python API and
-through the ``lightning-plugins`` YAML CLI, single-process and under 2-process DDP (cells: ``matrix_cells.CELLS``).
+through the ``lightning-plugins`` YAML CLI, single-process, under 2-process DDP and under 2-process FSDP2
+(``ModelParallelStrategy``) (cells: ``matrix_cells.CELLS``).
 
 Each cell runs a few steps on a tiny config and embedded data and checks that training really happened (the weights
 moved and the loss of the first batch fell), that nothing is NaN, that FP8 cells trained with FP8Linear layers (and
@@ -13,8 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
-from matrix_cells import (CELLS, INTERFACES, MODULES, PRECISIONS, STEPS, fit_python, fit_yaml, read_probes, run_config,
-                          write_data)
+from matrix_cells import (CELLS, INTERFACES, MODULES, PRECISIONS, STEPS, fit_in_ranks, fit_python, fit_yaml,
+                          read_probes, run_config, write_data)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,11 +45,13 @@ def _param(cell):
 @pytest.mark.parametrize("cell", [_param(cell) for cell in CELLS])
 def test_cell(cell, data_dir, tmp_path):
     config = run_config(cell, data_dir, tmp_path)
-    if cell.interface == "python":
+    if cell.strategy == "fsdp2":
+        fit_in_ranks(cell, config, tmp_path)
+    elif cell.interface == "python":
         fit_python(config)
     else:
         fit_yaml(config, tmp_path / "config.yaml")
-    probes = read_probes(tmp_path, 2 if cell.ddp else 1)
+    probes = read_probes(tmp_path, cell.ranks)
     for probe in probes:
         # (a) training happened: every step ran, the weights moved, the first batch's loss went down
         losses = probe["losses"]
@@ -61,7 +64,7 @@ def test_cell(cell, data_dir, tmp_path):
         fp8 = cell.precision != "32-true"
         assert (probe["converted"] or 0) > 0 if fp8 else probe["converted"] is None, probe
         assert all(n > 0 for n in probe["fp8_layers"]) if fp8 else not any(probe["fp8_layers"]), probe
-        expected = ("FP8AdamW", "FP8Adam") if cell.precision == "fp8-O2" else ("AdamW", "Adam")
+        expected = ("FP8AdamW", "FP8Adam") if cell.precision in ("fp8-O2", "fp8-O3") else ("AdamW", "Adam")
         assert all(name in expected for name in probe["optimizers"]), probe["optimizers"]
         # (d) GSLoRA: LoRA adapters trained during the fit, then the task was merged and recorded
         if cell.gslora:
@@ -69,7 +72,7 @@ def test_cell(cell, data_dir, tmp_path):
             assert probe["gslora_tasks"] == 1, probe
         else:
             assert not any(probe["lora_layers"]) and probe["gslora_tasks"] is None, probe
-    if cell.ddp:  # the two processes really were one DDP run: same world, identical weights at the end
+    if cell.ranks > 1:  # the two processes really were one run: same world, identical (whole) weights at the end
         assert [p["world_size"] for p in probes] == [2, 2] and [p["rank"] for p in probes] == [0, 1]
         assert probes[0]["checksum"] == probes[1]["checksum"]
 
@@ -96,5 +99,6 @@ def test_every_module_of_the_suite_is_in_the_matrix():
                 if isinstance(getattr(modules, name), type) and issubclass(getattr(modules, name), pl.LightningModule)}
     assert exported == set(MODULES)
     for module in MODULES:
-        covered = {(c.precision, c.interface) for c in CELLS if c.module == module and not c.ddp and not c.gslora}
+        covered = {(c.precision, c.interface) for c in CELLS
+                   if c.module == module and c.strategy == "single" and not c.gslora}
         assert covered == {(p, i) for p in PRECISIONS for i in INTERFACES}, module

@@ -119,7 +119,7 @@ def run_ranks(fn, out_dir, world: int = 2, **kwargs) -> list[dict]:
     """``fn(rank=, world=, **kwargs)`` in ``world`` fresh processes; returns each rank's result dict."""
     mp.start_processes(_worker, args=(world, free_port(), fn, kwargs, str(out_dir)), nprocs=world,
                        start_method="spawn", join=True)
-    results = [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    results = [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}: {res['error']}\n{res.get('traceback', '')}"
     return results
