@@ -153,7 +153,8 @@ class UnmergedProbe(Callback):
 
 def forgetting_data(args: argparse.Namespace, data: COCODetectionDataModule) -> DetectionForgettingDataModule:
     return DetectionForgettingDataModule(data, replay_ratio=args.replay_ratio, forget_ratio=args.forget_ratio,
-                                         batch_size=args.batch_size, eval_batch_size=16, seed=args.seed)
+                                         batch_size=args.batch_size, eval_batch_size=16, seed=args.seed,
+                                         include_old=args.include_old)
 
 
 def detection_objective(args: argparse.Namespace, paper: bool = False) -> DetectionObjective:
@@ -336,8 +337,8 @@ def how_run(args: argparse.Namespace) -> list[str]:
         "",
         f"- model: FCOS-TE, `ObjectDetector({model_kwargs(args)})`, pretrained {args.pretrain_steps} steps "
         f"(batch {args.pretrain_batch_size}, lr {args.pretrain_lr:g}, seed {args.seed}).",
-        f"- data: `DetectionForgettingDataModule(replay_ratio={args.replay_ratio:g}, forget_ratio={args.forget_ratio:g}, "
-        f"batch_size={args.batch_size})`: "
+        f"- data: `DetectionForgettingDataModule(replay_ratio={args.replay_ratio:g}, "
+        f"forget_ratio={args.forget_ratio:g}, batch_size={args.batch_size}, include_old={args.include_old})`: "
         "a step sees a retain batch and a forget batch; an epoch is one pass over the longer of the two sets.",
         f"- `gslora`: LoRA rank {args.rank} on {target}, AdamW lr {args.lr:g} (cosine), wd 0.05, beta {args.beta:g}, "
         f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g})`, group lasso "
@@ -370,6 +371,9 @@ def main() -> None:
     parser.add_argument("--replay-ratio", type=float, default=1.0)
     parser.add_argument("--forget-ratio", type=float, default=0.5,
                         help="share of each forgotten category's training scenes used (1.0: all)")
+    parser.add_argument("--include-old", action=argparse.BooleanOptionalAction, default=True,
+                        help="DetectionForgettingDataModule(include_old=...): earlier tasks' categories stay in the "
+                             "forget set")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--target", choices=sorted(TARGETS), default="ffn")
@@ -388,7 +392,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="no training: write one report to --out from the results.json of these runs")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.pretrain_steps, args.pretrain_lr, args.tasks = 40, 2e-3, "0"
         args.task_epochs, args.finetune_epochs, args.early_stop = 1, 1, False
@@ -425,6 +433,12 @@ def main() -> None:
         add_references(results[method], before)
         print(f"{method}: {time.perf_counter() - start:.0f} s", flush=True)
 
+    write_report(args, before, results, pretrain_seconds, time.perf_counter() - total_start)
+
+
+def write_report(args: argparse.Namespace, before: list[dict], results: dict, pretrain_seconds: float,
+                 seconds: float) -> None:
+    """``results.md``, ``results.json`` and the plot into ``args.out``; the markdown is printed too."""
     columns = ["task", "ap_f", "ap_f_before", "ap_r", "ap_r_before", "ap_o", "drop", "h", "map", "map_unmerged",
                "merge_diff", "trainable_params", "trainable_ratio", "epochs", "seconds"]
     lines = [f"# Continual forgetting of object categories on FCOS-TE (tasks {args.tasks})", "",
@@ -436,13 +450,29 @@ def main() -> None:
     checks = check_done_means(results)
     lines += ["## Done-means checks", "", *(f"- {c}" for c in checks), ""]
     lines += how_run(args)
-    lines += [f"Total wall time: {time.perf_counter() - total_start:.0f} s.", ""]
+    lines += [f"Total wall time: {seconds:.0f} s.", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "pretrain_seconds": pretrain_seconds, "before": before, "results": results, "checks": checks}, indent=1))
+         "pretrain_seconds": pretrain_seconds, "seconds": seconds, "before": before, "results": results,
+         "checks": checks}, indent=1))
     plot(results, before, args.out / "detection_forgetting.png")
     print("\n".join(lines))
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One report from runs of the same settings that ran different methods (e.g. in parallel processes)."""
+    runs = [json.loads((Path(folder) / "results.json").read_text()) for folder in args.merge]
+    ignored = {"methods", "out", "merge"}
+    settings = [{k: v for k, v in run["args"].items() if k not in ignored} for run in runs]
+    if any(s != settings[0] for s in settings[1:]):
+        differing = sorted(k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:]))
+        raise SystemExit(f"--merge needs runs with the same settings; these differ: {differing}")
+    results = {method: rows for run in runs for method, rows in run["results"].items()}
+    merged = argparse.Namespace(**{**runs[0]["args"], "out": args.out, "methods": ",".join(results)})
+    write_report(merged, runs[0]["before"], results, runs[0]["pretrain_seconds"],
+                 max(run.get("seconds", 0.0) for run in runs))
 
 
 if __name__ == "__main__":

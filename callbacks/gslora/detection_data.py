@@ -3,7 +3,8 @@
 For task ``t`` (categories ``F_t`` to forget, ``O_t`` forgotten earlier, the rest retained):
 
 * **forget set**: training images that contain an object of ``F_t`` (all of them by default, ``forget_ratio`` or
-  ``shots`` per category to subsample), with the **forgotten annotations only**; each forget target also carries
+  ``shots`` per category to subsample; with ``include_old`` also of ``O_t``), with the **forgotten annotations
+  only**; each forget target also carries
   the image's retained objects as ``retained_boxes``/``retained_labels`` (the ``mode="background"`` objective of
   :class:`~lightning_plugins.callbacks.gslora.objectives.DetectionObjective` trains on those);
 * **retain (replay) set**: training images that contain a retained object (``replay_ratio`` of the images of each
@@ -125,8 +126,8 @@ class DetectionTaskSamples:
 
 
 def select_detection_samples(labels_per_image: Sequence[set[int]], view: TaskView, replay_ratio: float = 0.1,
-                             forget_ratio: float = 1.0, shots: Optional[int] = None,
-                             seed: int = 0) -> DetectionTaskSamples:
+                             forget_ratio: float = 1.0, shots: Optional[int] = None, seed: int = 0,
+                             include_old: bool = False) -> DetectionTaskSamples:
     """Forget and retain image indices of a task, drawn per category (see the module docstring).
 
     With ``shots``, each category contributes ``shots`` of its images (all, with a warning, if it has fewer);
@@ -150,20 +151,21 @@ def select_detection_samples(labels_per_image: Sequence[set[int]], view: TaskVie
     retained: list[int] = []
     for label in sorted(by_class):
         split = view.split_of(label)
-        if split in ("old", "missing"):
+        if split == "missing" or (split == "old" and not include_old):
             continue
         if split == "retained":
             retained.append(label)
-        ratio = forget_ratio if split == "forgotten" else replay_ratio
-        drawn = draw_members(by_class[label], (seed, view.index, label), shots, ratio,
-                             f"category {label} is in %d training images")
-        (forget if split == "forgotten" else retain).update(drawn)
+        forgetting = split in ("forgotten", "old")
+        drawn = draw_members(by_class[label], (seed, view.index, label), shots,
+                             forget_ratio if forgetting else replay_ratio, f"category {label} is in %d training images")
+        (forget if forgetting else retain).update(drawn)
     if not retain:
         raise ValueError(
             f"task {view.index} leaves no retained category in any training image; GS-LoRA needs replay data of at "
             "least one retained category"
         )
-    return DetectionTaskSamples(sorted(forget), sorted(retain), tuple(sorted(view.forgotten)), tuple(retained))
+    forgotten = set(view.forgotten) | (set(view.old) if include_old else set())
+    return DetectionTaskSamples(sorted(forget), sorted(retain), tuple(sorted(forgotten)), tuple(retained))
 
 
 class DetectionForgettingDataModule(pl.LightningDataModule):
@@ -182,11 +184,15 @@ class DetectionForgettingDataModule(pl.LightningDataModule):
         forget_ratio: share of each forgotten category's images used (default 1.0: all of them).
         eval_batch_size: images per validation/test batch (default ``batch_size``).
         num_workers: DataLoader workers.
+        include_old: keep forgetting the categories of earlier tasks: their images join the forget set (drawn like
+            the current ones) with their objects among the forgotten annotations. Without it (default, the paper's
+            setting) nothing in a later task holds them down, and a dense detector's earlier-forgotten categories
+            can come back (AP_o).
     """
 
     def __init__(self, datamodule: pl.LightningDataModule, replay_ratio: float = 0.1, shots: Optional[int] = None,
                  batch_size: int = 4, seed: int = 0, forget_ratio: float = 1.0,
-                 eval_batch_size: Optional[int] = None, num_workers: int = 0) -> None:
+                 eval_batch_size: Optional[int] = None, num_workers: int = 0, include_old: bool = False) -> None:
         super().__init__()
         for name, value in (("replay_ratio", replay_ratio), ("forget_ratio", forget_ratio)):
             if not 0.0 < value <= 1.0:
@@ -203,6 +209,7 @@ class DetectionForgettingDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.include_old = bool(include_old)
         self.missing_classes: tuple[int, ...] = ()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
@@ -274,7 +281,7 @@ class DetectionForgettingDataModule(pl.LightningDataModule):
         self._require_setup()
         if self._samples is None:
             self._samples = select_detection_samples(self._labels, self.task, self.replay_ratio, self.forget_ratio,
-                                                     self.shots, self.seed)
+                                                     self.shots, self.seed, self.include_old)
             log.info("detection forgetting task %d: %d images to forget, %d retained for replay", self.task.index,
                      len(self._samples.forget), len(self._samples.retain))
         return self._samples

@@ -523,3 +523,16 @@ def test_detection_resume_mid_sequence_is_exact(pretrained_detector, quiet, tmp_
     assert strip(full.history) == strip(resumed.history)
     rows = resumed.task_results()
     assert [r["forgotten"] for r in rows] == [[0], [1]] and rows[1]["ap_o"] is not None
+
+
+def test_detection_data_can_keep_forgetting_old_categories():
+    from lightning_plugins.callbacks.gslora.detection_data import select_detection_samples
+
+    # image k holds category k % 4; task 1 forgets {1} after {0}
+    labels = [{k % 4} for k in range(40)]
+    task = view([[0], [1]], 1)
+    plain = select_detection_samples(labels, task, replay_ratio=1.0, forget_ratio=1.0)
+    kept = select_detection_samples(labels, task, replay_ratio=1.0, forget_ratio=1.0, include_old=True)
+    assert plain.forgotten == (1,) and kept.forgotten == (0, 1)
+    assert {k % 4 for k in plain.forget} == {1} and {k % 4 for k in kept.forget} == {0, 1}
+    assert plain.retain == kept.retain and {k % 4 for k in kept.retain} == {2, 3}
