@@ -21,10 +21,12 @@ Scene ``i`` of a split depends only on ``(seed, split, i)``, not on how many sce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -175,6 +177,28 @@ def export_mnist_scenes(root: str | os.PathLike, train: int = 2000, val: int = 2
     rebuilt. Returns ``{split: path of its json}``.
     """
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root.parent / f".{root.name}.lock"):  # processes sharing the cache (DDP ranks) export once
+        return _export(root, train, val, test, seed)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` across processes (POSIX ``flock``; no lock where it does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _export(root: Path, train: int, val: int, test: int, seed: int) -> dict[str, Path]:
     counts = {"train": train, "val": val, "test": test}
     settings = {"version": EXPORT_VERSION, "seed": seed, "counts": counts}
     paths = {split: root / f"{split}.json" for split in SPLITS}
