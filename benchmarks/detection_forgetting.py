@@ -437,7 +437,7 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, before: list[dict], results: dict, pretrain_seconds: float,
-                 seconds: float) -> None:
+                 seconds: float, merged_from: Optional[list[str]] = None) -> None:
     """``results.md``, ``results.json`` and the plot into ``args.out``; the markdown is printed too."""
     columns = ["task", "ap_f", "ap_f_before", "ap_r", "ap_r_before", "ap_o", "drop", "h", "map", "map_unmerged",
                "merge_diff", "trainable_params", "trainable_ratio", "epochs", "seconds"]
@@ -450,7 +450,11 @@ def write_report(args: argparse.Namespace, before: list[dict], results: dict, pr
     checks = check_done_means(results)
     lines += ["## Done-means checks", "", *(f"- {c}" for c in checks), ""]
     lines += how_run(args)
-    lines += [f"Total wall time: {seconds:.0f} s.", ""]
+    if merged_from:
+        lines += [f"Merged with `--merge` from {len(merged_from)} runs of these settings, one per method "
+                  f"({', '.join(merged_from)}), run side by side; wall time of the longest run: {seconds:.0f} s.", ""]
+    else:
+        lines += [f"Total wall time: {seconds:.0f} s.", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(
@@ -472,7 +476,8 @@ def merge(args: argparse.Namespace) -> None:
     results = {method: rows for run in runs for method, rows in run["results"].items()}
     merged = argparse.Namespace(**{**runs[0]["args"], "out": args.out, "methods": ",".join(results)})
     write_report(merged, runs[0]["before"], results, runs[0]["pretrain_seconds"],
-                 max(run.get("seconds", 0.0) for run in runs))
+                 max(run.get("seconds", 0.0) for run in runs),
+                 merged_from=[f"`--methods {run['args']['methods']}`" for run in runs])
 
 
 if __name__ == "__main__":
