@@ -44,3 +44,11 @@ def test_quick_mode_writes_every_method_and_task(tmp_path: Path) -> None:
     assert "1 torch thread(s)" in markdown and "seed 0" in markdown
     for method in METHODS:
         assert f"## {method}" in markdown
+    # --merge: one report from runs of the same settings (here the run with itself), no training
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", str(tmp_path), str(tmp_path), "--out", str(merged)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (merged / "results.md").read_text()
+    assert all(f"## {method}" in report for method in METHODS) and "Merged with `--merge` from 2 runs" in report
+    assert json.loads((merged / "results.json").read_text())["results"] == data["results"]
