@@ -3,6 +3,7 @@
     lightning-plugins arithmetic-data --output_dir outputs/align/data
     lightning-plugins rejection-sample --config examples/configs/align_rs.yaml
     lightning-plugins build-pairs --input_path rs.jsonl --output_path pairs.jsonl --strategy best_vs_worst
+    lightning-plugins consolidate-checkpoint --checkpoint_dir ckpts/last.ckpt --output_file model.ckpt
 
 Each is a typed, documented Python function exposed through jsonargparse, so ``--help`` lists its arguments and
 ``--config`` takes a YAML file of them (``--print_config`` writes one).
@@ -22,6 +23,7 @@ from lightning_plugins.cli_errors import describe_parse_error
 from lightning_plugins.modules.align.arithmetic import ArithmeticTask
 from lightning_plugins.modules.align.pairs import run_build_pairs
 from lightning_plugins.modules.align.sampling import run_rejection_sampling
+from lightning_plugins.precision.checkpoint import consolidate_sharded_checkpoint
 
 DEBUG_ENV = "LIGHTNING_PLUGINS_DEBUG"  # set it to see tracebacks instead of one-line errors
 
@@ -38,10 +40,29 @@ def write_arithmetic_data(output_dir: str = "outputs/align/data", seed: int = 0,
     return {name: str(path) for name, path in paths.items()}
 
 
+def consolidate_checkpoint(checkpoint_dir: str, output_file: str) -> dict:
+    """Gather a sharded (FSDP2) fp8-msamp checkpoint folder into one portable checkpoint file.
+
+    Args:
+        checkpoint_dir: the folder a ModelParallelStrategy run saved (distributed-checkpoint shards + meta.pt).
+        output_file: the single file to write: fp32 weights and torch AdamW optimizer states.
+    """
+    checkpoint = consolidate_sharded_checkpoint(checkpoint_dir, output_file)
+    weights = checkpoint["state_dict"]
+    return {
+        "output_file": output_file,
+        "tensors": len(weights),
+        "parameters": sum(t.numel() for t in weights.values()),
+        "optimizer_states": len(checkpoint.get("optimizer_states", [])),
+        "global_step": checkpoint.get("global_step"),
+    }
+
+
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "arithmetic-data": write_arithmetic_data,
     "rejection-sample": run_rejection_sampling,
     "build-pairs": run_build_pairs,
+    "consolidate-checkpoint": consolidate_checkpoint,
 }
 DESCRIPTION = (
     "Project subcommands (not Trainer runs): "

@@ -220,7 +220,9 @@ class MSAMPFabricPrecision(FabricPrecision):
             raise ValueError(
                 "checkpoint_format='portable' converts full (unsharded) weights and optimizer states and is not "
                 "supported with sharded (FSDP2) parameters; allowed there: 'native' (a sharded distributed "
-                "checkpoint with the FP16 masters, the FP8/FP16 Adam states and the scales)."
+                "checkpoint with the FP16 masters, the FP8/FP16 Adam states and the scales); "
+                "lightning_plugins.precision.consolidate_sharded_checkpoint(folder, 'model.ckpt') turns that folder "
+                "into the portable single file afterwards."
             )
         self._check_existing_layers(module)
         # the default patterns (even an unpickled copy) must not warn when they match nothing

@@ -16,8 +16,10 @@ from precision_helpers import TinyMLP, trainer_kwargs
 from torch import nn
 
 from lightning_plugins import MSAMPFabricPrecision, MSAMPPrecision
-from lightning_plugins.fp8 import FP8Linear, get_fp8_grad
+from lightning_plugins.fp8 import FP8Linear, dequantize, get_fp8_grad
 from lightning_plugins.fp8.fsdp import local_tensor
+from lightning_plugins.commands import run_command
+from lightning_plugins.precision import consolidate_sharded_checkpoint
 from lightning_plugins.precision.registration import check_strategy
 
 BATCH = 16  # per rank; the single-process reference uses 2 x 16
@@ -343,6 +345,7 @@ def _ckpt_job(rank, world, level, ckpt):
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 0:
                 trainer.save_checkpoint(ckpt)
+                self.saved = snapshot(pl_module, trainer, trainer.precision_plugin)
 
     def snapshot(m, t, plugin):
         opt = t.optimizers[0]
@@ -353,9 +356,10 @@ def _ckpt_job(rank, world, level, ckpt):
                 "sharded": is_sharded(m)}
 
     loader = fsdp_helpers.lm_loader(3 * 2 * BATCH, BATCH, True)  # 3 steps per epoch
-    full, t_full, plugin = model(), *trainer(2, [SaveAfterFirstEpoch()])
+    saver = SaveAfterFirstEpoch()
+    full, t_full, plugin = model(), *trainer(2, [saver])
     t_full.fit(full, loader)
-    out = {"full_losses": full.losses, "full": snapshot(full, t_full, plugin)}
+    out = {"full_losses": full.losses, "full": snapshot(full, t_full, plugin), "saved": saver.saved}
     resumed, (t_res, plugin) = model(), trainer(2)
     t_res.fit(resumed, loader, ckpt_path=ckpt)
     out.update(resumed_losses=resumed.losses, resumed=snapshot(resumed, t_res, plugin))
@@ -383,6 +387,77 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_exact(level, tmp_path):
     s0, s1 = ranks[0]["full"]["states"][name], ranks[1]["full"]["states"][name]
     assert s0["exp_avg"].dtype == torch.float8_e4m3fn and s0["exp_avg"].shape == (64, 32)
     assert torch.equal(s0["exp_avg_scale_inv"], s1["exp_avg_scale_inv"])
+
+
+def _consolidated_resume(path, plugin):
+    """One process, the same global batch: the epoch after the save, resumed from the consolidated file."""
+    pl.seed_everything(0, verbose=False)
+    model = ShardedLM()
+    kw = trainer_kwargs(max_epochs=2, limit_val_batches=0, deterministic=False)
+    trainer = pl.Trainer(plugins=[plugin] if plugin is not None else None, **kw)
+    trainer.fit(model, fsdp_helpers.lm_loader(3 * 2 * BATCH, 2 * BATCH, False), ckpt_path=path)
+    return model, trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_consolidated_sharded_checkpoint_loads_into_plain_models_and_resumes(level, tmp_path):
+    """consolidate_sharded_checkpoint: the sharded folder -> one portable file with the gathered masters in fp32
+    (exactly), torch AdamW moments (the dequantized FP8 shards, exactly), loadable by a plain nn.Linear GPT with
+    strict=True; one-process 32-true and fp8-msamp runs resume from it and see the sharded run's loss."""
+    ranks = run_ranks(_ckpt_job, tmp_path, level=level, ckpt=str(tmp_path / "ckpt"))
+    saved = [r["saved"] for r in ranks]
+    consolidate_sharded_checkpoint(tmp_path / "ckpt", tmp_path / "out" / "portable.ckpt")
+    portable = torch.load(tmp_path / "out" / "portable.ckpt", weights_only=True)
+    summary = run_command("consolidate-checkpoint", ["--checkpoint_dir", str(tmp_path / "ckpt"),
+                                                     "--output_file", str(tmp_path / "cli.ckpt")])
+    assert summary["tensors"] == 30 and summary["optimizer_states"] == 1 and summary["global_step"] == 3
+    from_cli = torch.load(tmp_path / "cli.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(from_cli[k], v) for k, v in portable["state_dict"].items())
+    assert portable["MSAMPPrecision"]["checkpoint_format"] == "portable"
+    assert portable["MSAMPPrecision"]["level"] == level and portable["global_step"] == 3
+
+    def gathered(name, key=None):  # FSDP2 shards dim 0: the ranks' local shards in order are the full tensor
+        parts = [s["params"][name] if key is None else s["states"][name][key] for s in saved]
+        return torch.cat(parts) if parts[0].dim() else parts[0]
+
+    plain = fsdp_helpers.GPT()  # nn.Linear layers, fp32
+    result = plain.load_state_dict({k.removeprefix("model."): v for k, v in portable["state_dict"].items()})
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for name, param in plain.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, gathered("model." + name).float()), name
+    adamw = torch.optim.AdamW(plain.parameters(), lr=3e-3, weight_decay=0.01)
+    adamw.load_state_dict(portable["optimizer_states"][0])
+    fp8_moments = 0
+    for name, param in plain.named_parameters():
+        state, fsdp_state = adamw.state[param], saved[0]["states"]["model." + name]
+        assert state["exp_avg"].dtype == torch.float32 and float(state["step"]) == 3
+        if "exp_avg_scale_inv" in fsdp_state:  # an FP8 moment: dequantized with the tensor's one scale
+            fp8_moments += 1
+            expected = dequantize(gathered("model." + name, "exp_avg"), fsdp_state["exp_avg_scale_inv"])
+        else:
+            expected = gathered("model." + name, "exp_avg")
+        assert torch.equal(state["exp_avg"], expected), name
+    assert fp8_moments == 30  # FP8AdamW keeps every parameter's first moment in E4M3
+    sharded_loss = (ranks[0]["full_losses"][3] + ranks[1]["full_losses"][3]) / 2  # first step after the save
+    for plugin in (None, MSAMPPrecision(level="O2")):
+        model, trainer = _consolidated_resume(tmp_path / "out" / "portable.ckpt", plugin)
+        assert trainer.global_step == 6 and len(model.losses) == 3
+        print(f"\n{level} consolidated -> {type(trainer.precision_plugin).__name__}: first loss after resume "
+              f"{model.losses[0]:.5f}, sharded run {sharded_loss:.5f}")
+        # FP8 again: the same scales and weights (measured equal to 5 digits); 32-true: no FP8 casts (3e-4 relative)
+        tolerance = 1e-3 if plugin is not None else 1e-2
+        assert abs(model.losses[0] - sharded_loss) < tolerance * sharded_loss, (plugin, model.losses[0], sharded_loss)
+
+
+def test_consolidating_something_else_is_an_error(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for path, found in ((tmp_path / "model.ckpt", "is a file"), (tmp_path / "empty", "without a distributed"),
+                        (tmp_path / "missing", "is nothing")):
+        with pytest.raises(ValueError, match=found) as err:
+            consolidate_sharded_checkpoint(path)
+        assert str(path) in str(err.value) and "to_portable_checkpoint" in str(err.value)
 
 
 def _sharded_errors_job(rank, world):
