@@ -169,6 +169,9 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._sharding: Optional[fsdp.ShardingInfo] = None
         self._sharded_layers: list[tuple[FP8Linear, torch.dtype, bool]] = []
         self.all_gather_stats = fsdp.AllGatherStats()
+        # Fabric + ModelParallelStrategy: Fabric converts before sharding; the conversion then waits for the sharded
+        # module (registration wraps the strategy's parallelize_fn to convert right after it)
+        self._convert_when_sharded = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r}, backend={self.backend!r})"
@@ -196,6 +199,8 @@ class MSAMPFabricPrecision(FabricPrecision):
         if module is self._module:
             # converted already (the user called this before ``Fabric.setup``, which calls it again)
             return module
+        if self._convert_when_sharded and not fsdp.is_sharded(module):
+            return module  # Fabric + ModelParallelStrategy: converted in place once parallelize_fn has sharded it
         if self._module is not None and not self._replaces_model:
             raise RuntimeError(
                 f"{type(self).__name__} already converted a model ({type(self._module).__name__}) and tracks its "

@@ -246,6 +246,23 @@ def _fp8_aware_fabric_strategy(strategy: Any, precision: Any) -> None:
     strategy.clip_gradients_norm = clip_gradients_norm
     strategy.clip_gradients_value = clip_gradients_value
     strategy.setup_optimizer = setup_optimizer_fp8
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        _convert_after_parallelize(strategy, precision)
+
+
+def _convert_after_parallelize(strategy: Any, precision: Any) -> None:
+    """Fabric converts a module before its strategy shards it; FSDP2 needs the layers sharded first (the plugin swaps
+    the sharded layer objects in place, as after a Trainer's ``configure_model``). So under Fabric's
+    ``ModelParallelStrategy`` the plugin waits, and converts right after the user's ``parallelize_fn``."""
+    parallelize = strategy._parallelize_fn
+
+    def parallelize_then_convert(module: Any, device_mesh: Any) -> Any:
+        return precision.convert_module(parallelize(module, device_mesh))
+
+    strategy._parallelize_fn = parallelize_then_convert
+    precision._convert_when_sharded = True
 
 
 def is_registered() -> bool:

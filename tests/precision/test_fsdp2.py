@@ -115,6 +115,63 @@ def _train_job(rank, world, level, steps, restore=False):
     return out
 
 
+def _fabric_job(rank, world, level, steps):
+    """The Trainer run of ``_train_job`` as a Fabric loop: ModelParallelStrategy with the same sharding (per block,
+    then the root) given as ``parallelize_fn``; the plugin converts the sharded layers right after it."""
+    import torch.nn.functional as F
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+    from torch.distributed.fsdp import fully_shard
+
+    warnings.filterwarnings("ignore")
+
+    def parallelize(model, device_mesh):
+        for block in model.blocks:
+            fully_shard(block, mesh=device_mesh["data_parallel"])
+        fully_shard(model, mesh=device_mesh["data_parallel"])
+        return model
+
+    plugin = MSAMPFabricPrecision(level=level)
+    strategy = FabricModelParallel(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy, plugins=[plugin])
+    fabric.launch()
+    pl.seed_everything(0, verbose=False)
+    model = fabric.setup_module(fsdp_helpers.GPT())
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01))
+    losses = []
+    for (tokens,) in fsdp_helpers.lm_loader(steps * 2 * BATCH, BATCH, True):
+        optimizer.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, fsdp_helpers.VOCAB), tokens[:, 1:].reshape(-1))
+        fabric.backward(loss)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    layers = _fp8_layers(model)
+    return {"losses": losses, "fp8_layers": len(layers), "optimizer": type(optimizer.optimizer).__name__,
+            "weight_dtypes": sorted({str(layer.weight.dtype) for layer in layers}),
+            "sharded": all(type(layer.weight).__name__ == "DTensor" for layer in layers),
+            "scales": _scales(plugin), "all_gather_dtypes": sorted(plugin.all_gather_stats.dtypes)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_fabric_model_parallel_loop_equals_the_trainer_run(level, tmp_path):
+    """Fabric(strategy=ModelParallelStrategy(parallelize_fn), plugins=[MSAMPFabricPrecision(level)]) trains the
+    sharded FP8 model exactly as the Trainer does (same losses, bit for bit), with identical scales on the ranks."""
+    steps = 6
+    (tmp_path / "fabric").mkdir(), (tmp_path / "trainer").mkdir()
+    fabric = run_ranks(_fabric_job, tmp_path / "fabric", level=level, steps=steps)
+    trainer = run_ranks(_train_job, tmp_path / "trainer", level=level, steps=steps)
+    for f, t in zip(fabric, trainer):
+        assert f["fp8_layers"] == 8 and f["sharded"]
+        assert f["losses"] == t["losses"], (f["losses"], t["losses"])
+        assert f["weight_dtypes"] == t["weight_dtypes"] and f["optimizer"] == t["optimizer"]
+    assert fabric[0]["optimizer"] == ("AdamW" if level == "O1" else "FP8AdamW")
+    assert all(torch.equal(fabric[0]["scales"][k][0], fabric[1]["scales"][k][0]) for k in fabric[0]["scales"])
+    if level == "O3":
+        assert fabric[0]["all_gather_dtypes"] == ["uint8"]
+
+
 def _single(level, steps, **kw):
     model, trainer = fit_lm(MSAMPPrecision(level=level), steps, 2 * BATCH, False, callbacks=[GradNorm()], **kw)
     return model, trainer
