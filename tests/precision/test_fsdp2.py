@@ -172,6 +172,53 @@ def test_fabric_model_parallel_loop_equals_the_trainer_run(level, tmp_path):
         assert fabric[0]["all_gather_dtypes"] == ["uint8"]
 
 
+class GPT2Logits(nn.Module):
+    """A tiny Hugging Face GPT-2 (its projections are ``Conv1D``: transposed weights) returning logits; ``blocks``
+    are what ``ShardedLM.configure_model`` shards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=fsdp_helpers.VOCAB, n_positions=fsdp_helpers.CONTEXT, n_embd=32, n_layer=2,
+                            n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+        self.hf = GPT2LMHeadModel(config)
+        self.blocks = self.hf.transformer.h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf(tokens).logits
+
+
+def _gpt2_lm() -> ShardedLM:
+    pl.seed_everything(0, verbose=False)
+    module = ShardedLM()
+    module.model = GPT2Logits()
+    return module
+
+
+def _gpt2_job(rank, world, level, steps):
+    warnings.filterwarnings("ignore")
+    plugin = MSAMPPrecision(level=level, restore_layers=False)  # keep the FP8 layers to look at them
+    model, trainer = fit_lm(plugin, steps, BATCH, True, _strategy(), model=_gpt2_lm())
+    return {"losses": model.losses, "fp8_types": sorted({type(m).__name__ for m in _fp8_layers(model)}),
+            "sharded": all(type(m.weight).__name__ == "DTensor" for m in _fp8_layers(model)),
+            "all_gather_dtypes": sorted(trainer.precision_plugin.all_gather_stats.dtypes)}
+
+
+@pytest.mark.slow
+def test_fsdp2_o3_trains_gpt2_conv1d_layers_like_one_process(tmp_path):
+    """GPT-2's Conv1D projections (weights stored [in, out]) become sharded FP8Conv1D layers at O3, gathered in FP8,
+    and train like one process at O2 with the same global batch."""
+    steps = 12
+    ranks = run_ranks(_gpt2_job, tmp_path, level="O3", steps=steps)
+    model, _ = fit_lm(MSAMPPrecision(level="O2"), steps, 2 * BATCH, False, model=_gpt2_lm())
+    assert ranks[0]["fp8_types"] == ["FP8Conv1D"] and ranks[0]["sharded"]
+    assert ranks[0]["all_gather_dtypes"] == ["uint8"]
+    diff = _max_diff(ranks, model)
+    print(f"\nGPT-2 (Conv1D) O3 on 2 ranks vs one process O2, {steps} steps: max |loss diff| {diff:.2e}")
+    assert diff < 5e-3 and model.losses[-1] < model.losses[0] - 0.1
+
+
 def _single(level, steps, **kw):
     model, trainer = fit_lm(MSAMPPrecision(level=level), steps, 2 * BATCH, False, callbacks=[GradNorm()], **kw)
     return model, trainer
