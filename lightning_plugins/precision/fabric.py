@@ -116,6 +116,10 @@ class MSAMPFabricPrecision(FabricPrecision):
     # The Trainer may call convert_module again with a new model (fit, then fit another); Fabric must not
     # silently drop the scaling states of a first model.
     _replaces_model = False
+    # Fabric + ModelParallelStrategy: Fabric converts before sharding, so the conversion waits for the sharded module
+    # (registration wraps the strategy's parallelize_fn to convert right after it). A class default, so that plugin
+    # objects pickled by another version (ddp_spawn, checkpoints) still have it.
+    _convert_when_sharded = False
 
     def __init__(
         self,
@@ -169,9 +173,6 @@ class MSAMPFabricPrecision(FabricPrecision):
         self._sharding: Optional[fsdp.ShardingInfo] = None
         self._sharded_layers: list[tuple[FP8Linear, torch.dtype, bool]] = []
         self.all_gather_stats = fsdp.AllGatherStats()
-        # Fabric + ModelParallelStrategy: Fabric converts before sharding; the conversion then waits for the sharded
-        # module (registration wraps the strategy's parallelize_fn to convert right after it)
-        self._convert_when_sharded = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level!r}, backend={self.backend!r})"
