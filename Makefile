@@ -22,5 +22,6 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# Two pytest workers (one per core), one torch thread each; worksteal keeps both busy until the last slow test.
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -ra -n 2 --dist worksteal

@@ -76,7 +76,7 @@ EXTRAS = {
               "matplotlib>=3.7"],
     "te": ["transformer-engine[pytorch]"],
     # trl: the alignment losses are tested against TRL 1.16's own trainers on identical tensors
-    "dev": ["pytest>=8", "build>=1.2", "wheel", "trl==1.16.0", "datasets>=4"],
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "build>=1.2", "wheel", "trl==1.16.0", "datasets>=4"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "te" for req in reqs})
 
