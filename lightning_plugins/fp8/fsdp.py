@@ -14,10 +14,13 @@ parameter and sets the gathered parameter onto that object in each forward):
   rows, summed in fp32 by the receiving rank), and leaves each rank's averaged shard as an E4M3 side-channel
   gradient on the sharded parameter, where the FP8 optimizers read it (they work on the local shards).
 * **FP8 all-gather** (O3, :func:`enable_fp8_all_gather`): the shard's local tensor gets FSDP2's all-gather
-  extension (``fsdp_pre_all_gather``/``fsdp_post_all_gather``). Before each all-gather the ranks agree on the
-  weight's amax (one ``all_reduce(MAX)`` of a scalar), every rank casts its FP16 shard to E4M3 with that scale, and
-  the gather moves 1 byte per element (as ``uint8``, which gloo and NCCL accept). The gathered parameter is the E4M3
+  extension (``fsdp_pre_all_gather``/``fsdp_post_all_gather``). The ranks agree on the weight's amax, every rank
+  casts its FP16 shard to E4M3 with that scale, and the gather moves 1 byte per element (as ``uint8``, which gloo and NCCL accept). The gathered parameter is the E4M3
   tensor itself; its scale is left on the layer (``fp8_gathered_scale_inv``), and FP8Linear uses both as they are.
+  The weight amaxes of all layers are agreed in the one collective of :func:`all_reduce_amaxes` after each optimizer
+  step and kept on the layers for the training-mode gathers until the next step (forward, backward re-gather,
+  accumulated micro-batches); the first step and every eval-mode gather (validation, where a callback may have
+  swapped the weights) agree on their amax right before the gather (one scalar ``all_reduce`` each).
 * **agreement**: :func:`all_reduce_amaxes` makes the newest amax of every scaling state the maximum over the ranks
   before the delayed-scaling update, so every rank holds identical scales and histories; an inf/NaN anywhere is
   seen everywhere.
@@ -65,6 +68,7 @@ __all__ = [
 _E4M3 = get_format("e4m3")
 _FP8_GRAD_ATTR = "_fp8_grad"  # the side-channel attribute of lightning_plugins.fp8.wgrad
 _NAN = float("nan")
+_AGREED_AMAX_ATTR = "fp8_agreed_weight_amax"  # on an O3 layer: its weight amax over the ranks, since the last step
 
 
 def _dtensor_type() -> type | None:
@@ -251,6 +255,7 @@ def restore_fp8_weight(info: ShardingInfo, layer: FP8Linear, dtype: torch.dtype,
     _reset_gathered(fp)
     layer.__dict__.pop("wgrad_without_requires_grad", None)
     layer.__dict__.pop("fp8_gathered_scale_inv", None)
+    layer.__dict__.pop(_AGREED_AMAX_ATTR, None)
 
 
 def refresh_dtypes(info: ShardingInfo) -> None:
@@ -265,6 +270,7 @@ class AllGatherStats:
     bytes_sent: int = 0
     elements_sent: int = 0
     dtypes: set = field(default_factory=set)
+    amax_all_reduces: int = 0  # gathers that had to agree on their amax themselves (no amax kept from the last step)
 
 
 def check_fp8_all_gather(info: ShardingInfo, fsdp_params: Iterable[Any] | None = None) -> None:
@@ -288,10 +294,13 @@ def enable_fp8_all_gather(info: ShardingInfo, layer: FP8Linear, stats: AllGather
     state: ScalingState = layer.weight_scaling
 
     def fsdp_pre_all_gather(mesh: Any, outer_size: Any, outer_stride: Any, module: Any, mp_policy: Any) -> Any:
-        shard = fp._sharded_param_data.view(fp.padded_sharded_param_size)  # zero rows pad an uneven last shard
-        amax = tensor_amax(shard)
-        amax = torch.where(torch.isfinite(amax), amax, torch.full_like(amax, float("inf")))
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        shard = _padded_shard(fp)
+        amax = layer.__dict__.get(_AGREED_AMAX_ATTR)
+        if amax is None or not layer.training:  # first step, or an eval gather: agree now (every rank takes this branch)
+            amax = _finite_or_inf(tensor_amax(shard))
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+            if stats is not None:
+                stats.amax_all_reduces += 1
         record = layer.training and torch.is_grad_enabled() and not scaling_frozen()
         scale = state.scale_for(amax, record=record)  # weights: history 1, just-in-time from the global amax
         data = (to_float32(shard) * scale).clamp_(-_E4M3.max, _E4M3.max).to(_E4M3.dtype)
@@ -423,18 +432,36 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
     gather(out, inp, group=group)
 
 
+def _padded_shard(fp: Any) -> torch.Tensor:
+    return fp._sharded_param_data.view(fp.padded_sharded_param_size)  # zero rows pad an uneven last shard
+
+
+def _finite_or_inf(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(amax), amax, torch.full_like(amax, float("inf")))  # MAX keeps an inf/NaN
+
+
 @torch.no_grad()
-def all_reduce_amaxes(states: Sequence[ScalingState], group: Any) -> None:
+def all_reduce_amaxes(states: Sequence[ScalingState], group: Any, info: ShardingInfo | None = None,
+                      gathered_layers: Sequence[FP8Linear] = ()) -> None:
     """Make every state's newest amax (history slot 0) and its inf/NaN count the maximum over the ranks, so that the
-    next :func:`~lightning_plugins.fp8.update_scaling_states` gives identical scales on every rank. One collective."""
+    next :func:`~lightning_plugins.fp8.update_scaling_states` gives identical scales on every rank. One collective.
+
+    With ``gathered_layers`` (O3, after the optimizer step), the same collective agrees on each layer's weight amax
+    over the ranks' shards; the layer keeps it for its training-mode FP8 all-gathers until the next call."""
+    if not states and not gathered_layers:
+        return
+    amaxes = [s.amax_history[0].to(torch.float32) for s in states]
+    amaxes += [tensor_amax(_padded_shard(info.fsdp_param(layer))).to(torch.float32) for layer in gathered_layers]
+    amaxes = _finite_or_inf(torch.stack(amaxes))
+    counts = [s.nonfinite_count.to(device=amaxes.device, dtype=torch.float32) for s in states]
+    buf = torch.cat([amaxes, torch.stack(counts)]) if counts else amaxes
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    n_states, n_amaxes = len(states), len(amaxes)
+    for layer, amax in zip(gathered_layers, buf[n_states:n_amaxes].unbind(0)):
+        layer.__dict__[_AGREED_AMAX_ATTR] = amax.clone()
     if not states:
         return
-    newest = torch.stack([s.amax_history[0] for s in states]).to(torch.float32)
-    newest = torch.where(torch.isfinite(newest), newest, torch.full_like(newest, float("inf")))  # MAX keeps inf
-    counts = torch.stack([s.nonfinite_count for s in states]).to(torch.float32)
-    buf = torch.cat([newest, counts])
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    newest, counts = buf[: len(states)], buf[len(states) :]
+    newest, counts = buf[:n_states], buf[n_amaxes:]
     newest = torch.where(counts > 0, torch.full_like(newest, _NAN), newest)
     torch._foreach_copy_([s.amax_history[0] for s in states], list(newest.unbind(0)))
     torch._foreach_copy_([s.nonfinite_count for s in states], list(counts.to(torch.int32).unbind(0)))

@@ -468,7 +468,10 @@ class MSAMPFabricPrecision(FabricPrecision):
         if self._registry is None:
             return
         if self._sharding is not None and self._reduce_group is not None:
-            fsdp.all_reduce_amaxes(list(self._registry.states().values()), self._reduce_group)
+            # O3: the same collective agrees on the updated weights' amaxes for the next step's FP8 all-gathers
+            gathered = [layer for layer, _, _ in self._sharded_layers] if self.level == "O3" else []
+            fsdp.all_reduce_amaxes(list(self._registry.states().values()), self._reduce_group, self._sharding,
+                                   gathered)
         self._registry.update()
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:

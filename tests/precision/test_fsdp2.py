@@ -107,6 +107,7 @@ def _train_job(rank, world, level, steps, restore=False):
     out["state_dtypes"] = sorted({str(s[k].dtype) for s in states for k in ("exp_avg", "exp_avg_sq")})
     stats = plugin.all_gather_stats
     out["all_gather"] = (stats.bytes_sent, stats.elements_sent, sorted(stats.dtypes))
+    out["amax_all_reduces"] = stats.amax_all_reduces
     # FSDP's own all-gather output buffers of the FP8 weights (their storage is released between gathers)
     fsdp_params = [plugin._sharding.fsdp_param(layer) for layer in layers]
     out["ag_buffers"] = sorted({(str(t.dtype), t.numel() == world * fp.padded_sharded_param_size.numel())
@@ -268,7 +269,9 @@ def test_fsdp2_o3_fp8_all_gather(tmp_path):
     rel = abs(ranks[0]["losses"][-1] + ranks[1]["losses"][-1] - 2 * single.losses[-1]) / (2 * single.losses[-1])
     print(f"O3: final loss {sum(r['losses'][-1] for r in ranks) / 2:.4f} vs single-process O2 "
           f"{single.losses[-1]:.4f} ({rel:.2%}); max |diff| {_max_diff(ranks, single):.2e}; "
-          f"bytes/param per rank {ranks[0]['bytes_per_param']:.3f}; all-gather {ranks[0]['all_gather']}")
+          f"bytes/param per rank {ranks[0]['bytes_per_param']:.3f}; all-gather {ranks[0]['all_gather']}; "
+          f"amax all-reduces of their own: {ranks[0]['amax_all_reduces']} in "
+          f"{8 * ranks[0]['all_gather'][1] // ranks[0]['shard_numel']} gathers")
     assert rel < 0.01
     for r in ranks:
         # the forward saw E4M3 weights, gathered as uint8: 1 byte per element, the rank's shard in each gather
@@ -277,6 +280,10 @@ def test_fsdp2_o3_fp8_all_gather(tmp_path):
         assert dtypes == ["uint8"] and sent == elements
         assert r["ag_buffers"] == [("torch.uint8", True)]  # FSDP gathered world x shard bytes, nothing wider
         assert elements % r["shard_numel"] == 0 and elements // r["shard_numel"] >= steps
+        # the weight amaxes are agreed once per step, in the scaling update's collective: only the first step's
+        # gathers (forward + backward re-gather of 8 layers) ran their own scalar all-reduce
+        gathers = 8 * elements // r["shard_numel"]
+        assert r["amax_all_reduces"] <= 16 < gathers, (r["amax_all_reduces"], gathers)
         # FP16 master and E4M3/FP16 Adam moments as shards only: (2 + 1 + 2) / 2 ranks = 2.5 B/param (+ 4 B scales
         # per tensor); the FP8 gradient slot is released between steps
         assert 2.5 <= r["bytes_per_param"] < 2.55
