@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cooldown", type=int, default=2)
     parser.add_argument("--replay-ratio", type=float, default=1.0)
-    parser.add_argument("--forget-ratio", type=float, default=0.5,
+    parser.add_argument("--forget-ratio", type=float, default=1.0,
                         help="share of each forgotten category's training scenes used (1.0: all)")
     parser.add_argument("--include-old", action=argparse.BooleanOptionalAction, default=True,
                         help="DetectionForgettingDataModule(include_old=...): earlier tasks' categories stay in the "
