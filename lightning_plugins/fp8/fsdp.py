@@ -15,8 +15,9 @@ parameter and sets the gathered parameter onto that object in each forward):
   gradient on the sharded parameter, where the FP8 optimizers read it (they work on the local shards).
 * **FP8 all-gather** (O3, :func:`enable_fp8_all_gather`): the shard's local tensor gets FSDP2's all-gather
   extension (``fsdp_pre_all_gather``/``fsdp_post_all_gather``). The ranks agree on the weight's amax, every rank
-  casts its FP16 shard to E4M3 with that scale, and the gather moves 1 byte per element (as ``uint8``, which gloo and NCCL accept). The gathered parameter is the E4M3
-  tensor itself; its scale is left on the layer (``fp8_gathered_scale_inv``), and FP8Linear uses both as they are.
+  casts its FP16 shard to E4M3 with that scale, and the gather moves 1 byte per element (as ``uint8``, which gloo
+  and NCCL accept). The gathered parameter is the E4M3 tensor itself; its scale is left on the layer
+  (``fp8_gathered_scale_inv``), and FP8Linear uses both as they are.
   The weight amaxes of all layers are agreed in the one collective of :func:`all_reduce_amaxes` after each optimizer
   step and kept on the layers for the training-mode gathers until the next step (forward, backward re-gather,
   accumulated micro-batches); the first step and every eval-mode gather (validation, where a callback may have
@@ -296,7 +297,7 @@ def enable_fp8_all_gather(info: ShardingInfo, layer: FP8Linear, stats: AllGather
     def fsdp_pre_all_gather(mesh: Any, outer_size: Any, outer_stride: Any, module: Any, mp_policy: Any) -> Any:
         shard = _padded_shard(fp)
         amax = layer.__dict__.get(_AGREED_AMAX_ATTR)
-        if amax is None or not layer.training:  # first step, or an eval gather: agree now (every rank takes this branch)
+        if amax is None or not layer.training:  # first step or an eval gather: agree now (so does every rank)
             amax = _finite_or_inf(tensor_amax(shard))
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
             if stats is not None:

@@ -112,7 +112,8 @@ def consolidate_sharded_checkpoint(checkpoint_dir: str | os.PathLike, output_fil
         raise ValueError(
             f"consolidate_sharded_checkpoint: {str(folder)!r} is {found}; expected the folder a sharded run saves "
             "(ModelParallelStrategy with save_distributed_checkpoint=True), holding '.metadata' and '*.distcp' files. "
-            "A single-file checkpoint needs no consolidation: use to_portable_checkpoint(torch.load(path))."
+            "A single-file checkpoint needs no consolidation: use "
+            "to_portable_checkpoint(torch.load(path, weights_only=True))."
         )
     with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
         gathered_file = Path(scratch) / "gathered.pt"
