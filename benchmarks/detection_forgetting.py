@@ -42,6 +42,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -161,7 +162,8 @@ def detection_objective(args: argparse.Namespace, paper: bool = False) -> Detect
     """The recipe's objective, or (``paper``) GS-LoRA's bounded objective."""
     if paper:
         return DetectionObjective(bound=args.paper_bound, mode="bounded")
-    return DetectionObjective(bound=args.paper_bound, mode=args.mode, object_bound=args.object_bound)
+    return DetectionObjective(bound=args.paper_bound, mode=args.mode, object_bound=args.object_bound,
+                              object_reduction=args.object_reduction)
 
 
 def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
@@ -177,8 +179,9 @@ def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
     probe = UnmergedProbe(data.test_set, lambda: view(args.tasks, callback.task_index))
     rows = []
     for index in range(len(args.tasks)):
+        logger = CSVLogger(str(args.out / name), name="train_log", version=index) if args.train_log else False
         trainer = quiet_trainer(max_epochs=args.task_epochs, callbacks=[probe, callback], gradient_clip_val=None,
-                                default_root_dir=str(args.out))
+                                default_root_dir=str(args.out), logger=logger, log_every_n_steps=10)
         start = time.perf_counter()
         trainer.fit(model, fdata)
         seconds = time.perf_counter() - start
@@ -341,7 +344,8 @@ def how_run(args: argparse.Namespace) -> list[str]:
         f"forget_ratio={args.forget_ratio:g}, batch_size={args.batch_size}, include_old={args.include_old})`: "
         "a step sees a retain batch and a forget batch; an epoch is one pass over the longer of the two sets.",
         f"- `gslora`: LoRA rank {args.rank} on {target}, AdamW lr {args.lr:g} (cosine), wd 0.05, beta {args.beta:g}, "
-        f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g})`, group lasso "
+        f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g}, "
+        f"object_reduction='{getattr(args, 'object_reduction', 'places')}')`, group lasso "
         f"{args.alpha:g}, early_stop={args.early_stop} (AP_f on validation <= 10 % of before, then "
         f"{args.cooldown} cool-down epochs), at most {args.task_epochs} epochs per task.",
         f"- `gslora-paper`: the same with `DetectionObjective(bound={args.paper_bound:g}, mode='bounded')`, beta "
@@ -383,6 +387,10 @@ def main() -> None:
     parser.add_argument("--object-bound", type=float, default=6.0,
                         help="gslora/finetune: DetectionObjective(object_bound=...), the bound on the forgotten "
                              "objects' class log-probabilities")
+    parser.add_argument("--object-reduction", choices=("places", "objects"), default="places",
+                        help="gslora/finetune: DetectionObjective(object_reduction=...)")
+    parser.add_argument("--train-log", action="store_true",
+                        help="write each GS-LoRA run's per-step training values (CSV) to --out/<method>/train_log")
     parser.add_argument("--beta", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--paper-bound", type=float, default=1.5, help="gslora-paper: BND of ReLU(BND - cls_f)")

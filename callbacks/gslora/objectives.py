@@ -51,6 +51,9 @@ DETECTION_MODES = ("bounded", "background")
 AUX_MODES = ("box", "cls", "ignore")
 #: the key of ``forgetting_losses(..., objects=...)``'s per-location log-probabilities of the given objects
 OBJECT_LOG_PROBS = "object_log_probs"
+#: the key of the object (numbered over the batch) each of those log-probabilities belongs to
+OBJECT_INDEX = "object_index"
+OBJECT_REDUCTIONS = ("places", "objects")
 
 #: the forgotten objects' annotations that :class:`DetectionForgettingDataModule` adds to every forget target,
 #: the retained objects of the same image (``mode="background"`` trains on these)
@@ -350,6 +353,13 @@ class DetectionObjective(TaskObjective):
         object_bound: bound of the per-location term on the forgotten objects (see above); ``None`` (default): the
             paper's objective. Needs ``forgetting_losses(images, targets, objects=...)`` to return
             ``"object_log_probs"`` (``ObjectDetector`` with the torchvision FCOS/RetinaNet backend does).
+        object_reduction: how the object term averages the excesses ``ReLU(object_bound + log p)``: ``"places"``
+            (the mean over every location of every forgotten object) or ``"objects"`` (each object that some
+            location still reports, ``log p > -object_bound``, counts once: the mean over those objects of the mean
+            excess over their reporting locations). Why ``"objects"``: an object stays detected while any one
+            location reports it, and with ``"places"`` the push on the last reporting locations shrinks as the
+            others fall under the bound. Needs ``"object_index"`` (the object of each log-probability) from
+            ``forgetting_losses`` as well.
     """
 
     name = "detection"
@@ -359,7 +369,7 @@ class DetectionObjective(TaskObjective):
     supports_prototypes = False
 
     def __init__(self, bound: float = 15.0, mode: str = "bounded", aux: str = "box",
-                 object_bound: Optional[float] = None) -> None:
+                 object_bound: Optional[float] = None, object_reduction: str = "places") -> None:
         if not bound > 0:
             raise ValueError(f"bound must be > 0, got {bound!r}")
         if object_bound is not None and not object_bound > 0:
@@ -368,6 +378,9 @@ class DetectionObjective(TaskObjective):
             raise ValueError(f"mode must be one of {DETECTION_MODES}, got {mode!r}")
         if aux not in AUX_MODES:
             raise ValueError(f"aux must be one of {AUX_MODES}, got {aux!r}")
+        if object_reduction not in OBJECT_REDUCTIONS:
+            raise ValueError(f"object_reduction must be one of {OBJECT_REDUCTIONS}, got {object_reduction!r}")
+        self.object_reduction = object_reduction
         self.bound = float(bound)
         self.mode = mode
         self.aux = aux
@@ -402,10 +415,11 @@ class DetectionObjective(TaskObjective):
         names = getattr(pl_module, "class_names", None)
         self.class_names = list(names) if isinstance(names, (list, tuple)) else None
 
-    def parts(self, pl_module: pl.LightningModule, images: Any, targets: Any,
-              objects: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """``(cls, box, object_log_probs)`` of ``pl_module.forgetting_losses``, auxiliary terms added as ``aux``
-        says; ``object_log_probs`` only when ``objects`` is given (else ``None``)."""
+    def parts(self, pl_module: pl.LightningModule, images: Any, targets: Any, objects: Optional[list] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(cls, box, object_log_probs, object_index)`` of ``pl_module.forgetting_losses``, auxiliary terms added
+        as ``aux`` says; the last two only when ``objects`` is given (else ``None``; ``object_index`` also ``None``
+        when the module does not return it and ``object_reduction`` is ``"places"``)."""
         if objects is None:
             losses = pl_module.forgetting_losses(images, targets)
         else:
@@ -422,22 +436,45 @@ class DetectionObjective(TaskObjective):
                 f"targets, objects=...) to return {OBJECT_LOG_PROBS!r} (log p(label) of the given objects); got "
                 f"{describe(losses)}"
             )
+        owners = losses.get(OBJECT_INDEX)
+        if objects is not None and self.object_reduction == "objects" and not isinstance(owners, torch.Tensor):
+            raise TypeError(
+                f"DetectionObjective(object_reduction='objects') needs {type(pl_module).__name__}.forgetting_losses("
+                f"images, targets, objects=...) to return also {OBJECT_INDEX!r} (the object, numbered over the batch, "
+                f"of each value of {OBJECT_LOG_PROBS!r}); got {describe(losses)}; return it, or use "
+                "object_reduction='places'"
+            )
         cls, box = losses["cls"].float(), losses["box"].float()
         for key, value in losses.items():
-            if key in ("cls", "box", OBJECT_LOG_PROBS) or self.aux == "ignore":
+            if key in ("cls", "box", OBJECT_LOG_PROBS, OBJECT_INDEX) or self.aux == "ignore":
                 continue
             if self.aux == "cls":
                 cls = cls + value.float()
             else:
                 box = box + value.float()
-        return cls, box, log_probs
+        return cls, box, log_probs, owners if objects is not None else None
 
-    def object_term(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """``mean ReLU(object_bound + log p)`` over the forgotten objects' locations: pushes each location's
-        probability of the forgotten class down to ``exp(-object_bound)`` with a gradient that does not fade."""
+    def object_term(self, log_probs: torch.Tensor, owners: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mean of ``ReLU(object_bound + log p)`` over the forgotten objects' locations (``"places"``) or over
+        the objects still reported somewhere (``"objects"``, ``owners`` the object of each value): pushes each
+        location's probability of the forgotten class down to ``exp(-object_bound)`` with a gradient that does not
+        fade."""
         if log_probs.numel() == 0:
             return log_probs.new_zeros(())
-        return F.relu(self.object_bound + log_probs.float()).mean()
+        excess = F.relu(self.object_bound + log_probs.float())
+        if self.object_reduction == "places":
+            return excess.mean()
+        if owners is None or owners.shape != log_probs.shape:
+            raise ValueError(f"object_reduction='objects' needs the object of each log-probability: got "
+                             f"{None if owners is None else tuple(owners.shape)} for {tuple(log_probs.shape)} values")
+        count = int(owners.max()) + 1
+        owners = owners.to(excess.device)
+        total = excess.new_zeros(count).index_add(0, owners, excess)
+        reporting = excess.new_zeros(count).index_add(0, owners, (excess > 0).float())
+        still_reported = reporting > 0
+        if not bool(still_reported.any()):
+            return excess.sum()  # zero, with the graph kept
+        return (total[still_reported] / reporting[still_reported]).mean()
 
     def training_loss(self, pl_module: pl.LightningModule, batch: Any, context: StepContext) -> StepLoss:
         if not isinstance(batch, Mapping):
@@ -448,23 +485,26 @@ class DetectionObjective(TaskObjective):
         check_retain_forget(batch)
         images_r, targets_r = _detection_pair(batch["retain"], "retain")
         images_f, targets_f = _detection_pair(batch["forget"], "forget")
-        cls_r, box_r, _ = self.parts(pl_module, images_r, targets_r)
+        cls_r, box_r, _, _ = self.parts(pl_module, images_r, targets_r)
         retain = cls_r + box_r
         forgotten = [_plain(t) for t in targets_f]
         objects = forgotten if self.object_bound is not None else None
         values: dict[str, Any] = {}
         if self.mode == "bounded":
-            cls_f, box_f, log_probs = self.parts(pl_module, images_f, forgotten, objects)
-            forget = F.relu(self.bound - cls_f) if log_probs is None else self.object_term(log_probs)
+            cls_f, box_f, log_probs, owners = self.parts(pl_module, images_f, forgotten, objects)
+            forget = F.relu(self.bound - cls_f) if log_probs is None else self.object_term(log_probs, owners)
             forget_total = forget + box_f
         else:
-            cls_f, box_f, log_probs = self.parts(pl_module, images_f, [_background(t) for t in targets_f], objects)
+            cls_f, box_f, log_probs, owners = self.parts(pl_module, images_f, [_background(t) for t in targets_f],
+                                                         objects)
             forget = cls_f + box_f
             if log_probs is not None:
-                forget = forget + self.object_term(log_probs)
+                forget = forget + self.object_term(log_probs, owners)
             forget_total = forget
         if log_probs is not None and log_probs.numel():
             values["forget_object_prob"] = log_probs.detach().exp().mean()
+            if owners is not None:
+                values["forget_objects_reported"] = reported_share(log_probs.detach(), owners, self.object_bound)
         structure = group_lasso(context.groups) if context.groups else retain.new_zeros(())
         total = retain + context.beta * forget_total + context.alpha * structure
         values.update({"loss": total, "retain_cls": cls_r, "retain_box": box_r, "forget_term": forget,
@@ -504,6 +544,13 @@ class DetectionObjective(TaskObjective):
         out = split_average_precision(result["map_per_class"], result["classes"], task_view)
         out.update(per_class_ap(result["map_per_class"], result["classes"], self.class_names))
         return out
+
+
+def reported_share(log_probs: torch.Tensor, owners: torch.Tensor, bound: float) -> torch.Tensor:
+    """The share of objects that some location still reports (``log p > -bound``) among those with a location."""
+    present = torch.unique(owners)
+    reporting = torch.unique(owners[log_probs > -bound])
+    return log_probs.new_tensor(len(reporting) / max(1, len(present)))
 
 
 def split_average_precision(map_per_class: torch.Tensor, classes: torch.Tensor,

@@ -127,12 +127,13 @@ class ObjectDetector(pl.LightningModule):
                           objects: Optional[list[Target]] = None) -> dict[str, torch.Tensor]:
         """``{"cls": ..., "box": ...}`` of the training loss on ``(images, targets)``, in the current mode. With
         ``objects`` (a target dict per image) also ``"object_log_probs"``: ``log p(label)`` of each of those objects
-        at every location the detector could report it from, one flat tensor (FCOS/RetinaNet backends)."""
+        at every location the detector could report it from, one flat tensor, and ``"object_index"``: the object
+        (numbered over the batch, image by image) of each value (FCOS/RetinaNet backends)."""
         if objects is None:
             return self.backend.split_losses(self.losses(images, targets))
-        losses, log_probs = self.backend.losses_and_object_log_probs(
+        losses, log_probs, owners = self.backend.losses_and_object_log_probs(
             _image_list(images), [_plain_target(t) for t in targets], [_plain_target(t) for t in objects])
-        return {**self.backend.split_losses(losses), "object_log_probs": log_probs}
+        return {**self.backend.split_losses(losses), "object_log_probs": log_probs, "object_index": owners}
 
     def detect(self, images: Images) -> list[Prediction]:
         """Detections per image: ``{"boxes": xyxy pixels, "scores", "labels": 0..num_classes-1}``, best first."""

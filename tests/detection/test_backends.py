@@ -268,13 +268,14 @@ def test_object_log_probs_are_the_heads_own_class_scores_inside_the_box(model, m
     captured = {}
     hook = backend.detector.head.register_forward_hook(lambda m, i, out: captured.update(out=out))
     try:
-        losses, log_probs = backend.losses_and_object_log_probs(images, targets, objects)
+        losses, log_probs, owners = backend.losses_and_object_log_probs(images, targets, objects)
     finally:
         hook.remove()
     # the same forward gives exactly the plain losses
     plain = backend.losses(images, targets)
     assert set(losses) == set(plain) and all(torch.equal(losses[k], plain[k]) for k in plain)
     assert log_probs.shape == (expected,)
+    assert torch.equal(owners, torch.zeros(expected, dtype=torch.long))  # all of image 0's one object
     logits = captured["out"]["cls_logits"][0, :, 1]
     if model == "fcos" and min_size is None:
         # pyramid 8x8, 4x4, 2x2, 1x1 anchors, row-major per level: (x, y) in {2, 3}^2 at P3 and (1, 1) at P4
@@ -296,8 +297,24 @@ def test_object_log_probs_also_take_anchors_whose_predicted_box_matches():
     predicted = torch.tensor([[0.0, 0.0, 1.0, 1.0], [10.0, 10.0, 30.0, 30.0], [14.0, 14.0, 34.0, 34.0],
                               [50.0, 50.0, 60.0, 60.0]])
     logits = torch.arange(8.0).reshape(4, 2) - 4
-    got = _object_log_probs(logits, anchors, predicted, box, torch.tensor([1]))
+    got, owners = _object_log_probs(logits, anchors, predicted, box, torch.tensor([1]))
     assert torch.equal(got, torch.nn.functional.logsigmoid(torch.tensor([-3.0, -1.0])))
+    assert torch.equal(owners, torch.tensor([0, 0]))
+
+
+def test_object_log_probs_number_the_objects_over_the_batch():
+    torch.manual_seed(0)
+    backend = build_backend("torchvision", "fcos", num_classes=3).eval()
+    images, targets = rectangles(n=2)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    first = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+    second = {"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([0, 2])}
+    _, log_probs, owners = backend.losses_and_object_log_probs(images, targets, [first, second])
+    _, alone0, owners0 = backend.losses_and_object_log_probs(images, targets, [first, empty])
+    _, alone1, owners1 = backend.losses_and_object_log_probs(images, targets, [empty, second])
+    # image 1's objects come after image 0's: numbered 1 and 2 in the batch, 0 and 1 within the image
+    assert torch.equal(owners, torch.cat([owners0, owners1 + 1]))
+    assert set(owners.tolist()) == {0, 1, 2} and torch.equal(log_probs, torch.cat([alone0, alone1]))
 
 
 def test_object_log_probs_refused_with_the_fix_by_backends_without_them():

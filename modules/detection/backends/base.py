@@ -45,12 +45,13 @@ class DetectionBackend(nn.Module):
         the part of the total that forgetting objectives act on; auxiliary-layer terms go to the same parts)."""
         raise NotImplementedError
 
-    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target],
-                                    objects: list[Target]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target], objects: list[Target]
+                                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """:meth:`losses` on ``targets`` and, from the same forward pass, ``log p(label)`` of every object of
         ``objects`` (one target dict per image, same format) at every place the detector could report it from
         (dense heads: each location whose anchor centre lies inside the object's box), one flat tensor over the
-        batch. Forgetting objectives push these down on the objects to forget."""
+        batch, with the object each value belongs to (objects numbered over the batch, image by image).
+        Forgetting objectives push these down on the objects to forget."""
         raise NotImplementedError(
             f"the {type(self).__name__} detection backend does not expose per-object class log-probabilities; "
             "the object term of DetectionObjective (object_bound) is supported by the torchvision FCOS and RetinaNet "

@@ -150,11 +150,11 @@ class TorchvisionBackend(DetectionBackend):
         with _loss_mode(self.detector):
             return dict(self.detector(list(images), prepared))
 
-    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target],
-                                    objects: list[Target]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """FCOS/RetinaNet: the loss dict of :meth:`losses` and ``log sigmoid`` of each object's class logit at every
+    def losses_and_object_log_probs(self, images: list[torch.Tensor], targets: list[Target], objects: list[Target]
+                                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """FCOS/RetinaNet: the loss dict of :meth:`losses`, ``log sigmoid`` of each object's class logit at every
         anchor that could report it (all pyramid levels): its centre lies inside the object's box, or its predicted
-        box overlaps the object's with IoU >= 0.5."""
+        box overlaps the object's with IoU >= 0.5; and the object (numbered over the batch) of each value."""
         if self.model_name not in ("fcos", "retinanet"):
             return super().losses_and_object_log_probs(images, targets, objects)
         detector = self.detector
@@ -170,7 +170,7 @@ class TorchvisionBackend(DetectionBackend):
             else:
                 losses = detector.compute_loss(prepared, head_outputs, anchors)
         decode = detector.box_coder.decode if self.model_name == "fcos" else detector.box_coder.decode_single
-        log_probs = []
+        log_probs, owners, first = [], [], 0
         for logits, regression, image_anchors, image, size, target in zip(
                 head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, images, batch.image_sizes,
                 objects):
@@ -179,9 +179,14 @@ class TorchvisionBackend(DetectionBackend):
                                  device=target["boxes"].device)  # the transform's resize, if any
             with torch.no_grad():
                 predicted = decode(regression.detach().float(), image_anchors)
-            log_probs.append(_object_log_probs(logits, image_anchors, predicted, target["boxes"] * scale,
-                                               target["labels"]))
-        return dict(losses), torch.cat(log_probs) if log_probs else head_outputs["cls_logits"].new_zeros(0)
+            values, owner = _object_log_probs(logits, image_anchors, predicted, target["boxes"] * scale,
+                                              target["labels"])
+            log_probs.append(values)
+            owners.append(owner + first)
+            first += len(target["labels"])
+        if not log_probs:
+            return dict(losses), head_outputs["cls_logits"].new_zeros(0), torch.zeros(0, dtype=torch.long)
+        return dict(losses), torch.cat(log_probs), torch.cat(owners)
 
     def split_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``cls``: ``classification`` / ``loss_classifier`` + ``loss_objectness``; ``box``: the other terms
@@ -295,17 +300,18 @@ def _loss_mode(detector: nn.Module) -> Iterator[None]:
 
 
 def _object_log_probs(logits: torch.Tensor, anchors: torch.Tensor, predicted: torch.Tensor, boxes: torch.Tensor,
-                      labels: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+                      labels: torch.Tensor, iou_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """``log sigmoid(logit of the object's class)`` at every anchor that could report the object: its centre lies
     inside the object's box, or its predicted box overlaps the object's with IoU >= ``iou_threshold`` (a
-    detection there would count as the object's at AP@0.5). ``logits`` ``[A, C]``, ``anchors``/``predicted``
-    ``[A, 4]`` xyxy, ``boxes`` ``[N, 4]``, ``labels`` ``[N]``; object-major order."""
+    detection there would count as the object's at AP@0.5), and the object (0..N-1) of each value. ``logits``
+    ``[A, C]``, ``anchors``/``predicted`` ``[A, 4]`` xyxy, ``boxes`` ``[N, 4]``, ``labels`` ``[N]``; object-major
+    order."""
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     inside = ((centres[None, :, 0] > boxes[:, None, 0]) & (centres[None, :, 0] < boxes[:, None, 2])
               & (centres[None, :, 1] > boxes[:, None, 1]) & (centres[None, :, 1] < boxes[:, None, 3]))
     overlapping = torchvision.ops.box_iou(boxes, predicted) >= iou_threshold
     objects, places = (inside | overlapping).nonzero(as_tuple=True)
-    return torch.nn.functional.logsigmoid(logits[places, labels[objects]].float())
+    return torch.nn.functional.logsigmoid(logits[places, labels[objects]].float()), objects
 
 
 def _split(losses: dict[str, torch.Tensor], is_cls) -> dict[str, torch.Tensor]:
