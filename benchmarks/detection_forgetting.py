@@ -49,7 +49,9 @@ from torchmetrics.detection import MeanAveragePrecision
 from lightning_plugins.callbacks import DetectionForgettingDataModule, GSLoRA, format_table
 from lightning_plugins.callbacks.gslora.detection_data import detection_collate
 from lightning_plugins.callbacks.gslora.metrics import drop_and_h
-from lightning_plugins.callbacks.gslora.objectives import DetectionObjective, StepContext, split_average_precision
+from lightning_plugins.callbacks.gslora.objectives import (
+    DetectionObjective, StepContext, per_class_ap, split_average_precision,
+)
 from lightning_plugins.callbacks.gslora.tasks import view
 from lightning_plugins.modules.detection.data import COCODetectionDataModule
 from lightning_plugins.modules.detection.detector import ObjectDetector
@@ -136,6 +138,7 @@ def evaluate(model: ObjectDetector, dataset, task_view, batch_size: int = 16) ->
         for module, mode in modes:
             module.training = mode
     out = split_average_precision(result["map_per_class"], result["classes"], task_view)
+    out.update(per_class_ap(result["map_per_class"], result["classes"]))
     out["map"] = 100.0 * float(result["map"])
     return out
 
@@ -444,6 +447,12 @@ def main() -> None:
     write_report(args, before, results, pretrain_seconds, time.perf_counter() - total_start)
 
 
+def per_digit(row: dict) -> str:
+    """``"0 12.3, 1 45.6, ..."`` from a row's ``ap_class/<id>`` entries (empty when it has none)."""
+    keys = sorted((k for k in row if k.startswith("ap_class/")), key=lambda k: int(k.split("/")[1]))
+    return ", ".join(f"{k.split('/')[1]} {row[k]:.1f}" for k in keys)
+
+
 def write_report(args: argparse.Namespace, before: list[dict], results: dict, pretrain_seconds: float,
                  seconds: float, merged_from: Optional[list[str]] = None) -> None:
     """``results.md``, ``results.json`` and the plot into ``args.out``; the markdown is printed too."""
@@ -452,9 +461,12 @@ def write_report(args: argparse.Namespace, before: list[dict], results: dict, pr
     lines = [f"# Continual forgetting of object categories on FCOS-TE (tasks {args.tasks})", "",
              f"Pretraining: {pretrain_seconds:.0f} s; pretrained test mAP {before[0]['map']:.1f}; AP before "
              "forgetting per task (AP_f/AP_r): " + ", ".join(f"{b['ap_f']:.1f}/{b['ap_r']:.1f}" for b in before), ""]
+    if per_digit(before[0]):
+        lines += [f"Test AP per digit before forgetting: {per_digit(before[0])}", ""]
     for method, rows in results.items():
         present = [c for c in columns if any(c in r for r in rows)]
         lines += [f"## {method}", "", "```", format_table(rows, present), "```", ""]
+        lines += [f"Test AP per digit after task {r['task']}: " + per_digit(r) for r in rows if per_digit(r)] + [""]
     checks = check_done_means(results)
     lines += ["## Done-means checks", "", *(f"- {c}" for c in checks), ""]
     lines += how_run(args)
