@@ -185,7 +185,8 @@ class TorchvisionBackend(DetectionBackend):
             owners.append(owner + first)
             first += len(target["labels"])
         if not log_probs:
-            return dict(losses), head_outputs["cls_logits"].new_zeros(0), torch.zeros(0, dtype=torch.long)
+            empty = head_outputs["cls_logits"]
+            return dict(losses), empty.new_zeros(0), torch.zeros(0, dtype=torch.long, device=empty.device)
         return dict(losses), torch.cat(log_probs), torch.cat(owners)
 
     def split_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
