@@ -390,7 +390,7 @@ def main() -> None:
     parser.add_argument("--object-bound", type=float, default=6.0,
                         help="gslora/finetune: DetectionObjective(object_bound=...), the bound on the forgotten "
                              "objects' class log-probabilities")
-    parser.add_argument("--object-reduction", choices=("places", "objects"), default="places",
+    parser.add_argument("--object-reduction", choices=("places", "objects", "reported"), default="places",
                         help="gslora/finetune: DetectionObjective(object_reduction=...)")
     parser.add_argument("--train-log", action="store_true",
                         help="write each GS-LoRA run's per-step training values (CSV) to --out/<method>/train_log")

@@ -53,7 +53,7 @@ AUX_MODES = ("box", "cls", "ignore")
 OBJECT_LOG_PROBS = "object_log_probs"
 #: the key of the object (numbered over the batch) each of those log-probabilities belongs to
 OBJECT_INDEX = "object_index"
-OBJECT_REDUCTIONS = ("places", "objects")
+OBJECT_REDUCTIONS = ("places", "objects", "reported")
 
 #: the forgotten objects' annotations that :class:`DetectionForgettingDataModule` adds to every forget target,
 #: the retained objects of the same image (``mode="background"`` trains on these)
@@ -354,12 +354,14 @@ class DetectionObjective(TaskObjective):
             paper's objective. Needs ``forgetting_losses(images, targets, objects=...)`` to return
             ``"object_log_probs"`` (``ObjectDetector`` with the torchvision FCOS/RetinaNet backend does).
         object_reduction: how the object term averages the excesses ``ReLU(object_bound + log p)``: ``"places"``
-            (the mean over every location of every forgotten object) or ``"objects"`` (each object that some
-            location still reports, ``log p > -object_bound``, counts once: the mean over those objects of the mean
-            excess over their reporting locations). Why ``"objects"``: an object stays detected while any one
-            location reports it, and with ``"places"`` the push on the last reporting locations shrinks as the
-            others fall under the bound. Needs ``"object_index"`` (the object of each log-probability) from
-            ``forgetting_losses`` as well.
+            (the mean over every location of every forgotten object), ``"objects"`` (each forgotten object counts
+            once: the mean over the objects of the mean excess over their reporting locations, ``log p >
+            -object_bound``; an object no location reports counts 0) or ``"reported"`` (the same mean over only the
+            objects some location still reports). Why: an object stays detected while any one location reports it;
+            with ``"places"`` the push on an object's last reporting locations shrinks as its other locations fall
+            under the bound, with ``"objects"`` it shrinks only as other objects are forgotten, with ``"reported"``
+            it never shrinks. ``"objects"`` and ``"reported"`` need ``"object_index"`` (the object of each
+            log-probability) from ``forgetting_losses`` as well.
     """
 
     name = "detection"
@@ -437,9 +439,9 @@ class DetectionObjective(TaskObjective):
                 f"{describe(losses)}"
             )
         owners = losses.get(OBJECT_INDEX)
-        if objects is not None and self.object_reduction == "objects" and not isinstance(owners, torch.Tensor):
+        if objects is not None and self.object_reduction != "places" and not isinstance(owners, torch.Tensor):
             raise TypeError(
-                f"DetectionObjective(object_reduction='objects') needs {type(pl_module).__name__}.forgetting_losses("
+                f"DetectionObjective(object_reduction={self.object_reduction!r}) needs {type(pl_module).__name__}.forgetting_losses("
                 f"images, targets, objects=...) to return also {OBJECT_INDEX!r} (the object, numbered over the batch, "
                 f"of each value of {OBJECT_LOG_PROBS!r}); got {describe(losses)}; return it, or use "
                 "object_reduction='places'"
@@ -455,26 +457,31 @@ class DetectionObjective(TaskObjective):
         return cls, box, log_probs, owners if objects is not None else None
 
     def object_term(self, log_probs: torch.Tensor, owners: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The mean of ``ReLU(object_bound + log p)`` over the forgotten objects' locations (``"places"``) or over
-        the objects still reported somewhere (``"objects"``, ``owners`` the object of each value): pushes each
-        location's probability of the forgotten class down to ``exp(-object_bound)`` with a gradient that does not
-        fade."""
+        """The mean of ``ReLU(object_bound + log p)`` over the forgotten objects' locations (``"places"``), or per
+        object (``owners`` the object of each value) over all objects (``"objects"``) or the objects still reported
+        somewhere (``"reported"``): pushes each location's probability of the forgotten class down to
+        ``exp(-object_bound)`` with a gradient that does not fade."""
         if log_probs.numel() == 0:
             return log_probs.new_zeros(())
         excess = F.relu(self.object_bound + log_probs.float())
         if self.object_reduction == "places":
             return excess.mean()
         if owners is None or owners.shape != log_probs.shape:
-            raise ValueError(f"object_reduction='objects' needs the object of each log-probability: got "
-                             f"{None if owners is None else tuple(owners.shape)} for {tuple(log_probs.shape)} values")
+            raise ValueError(f"object_reduction={self.object_reduction!r} needs the object of each log-probability: "
+                             f"got {None if owners is None else tuple(owners.shape)} for {tuple(log_probs.shape)} "
+                             "values")
         count = int(owners.max()) + 1
         owners = owners.to(excess.device)
         total = excess.new_zeros(count).index_add(0, owners, excess)
         reporting = excess.new_zeros(count).index_add(0, owners, (excess > 0).float())
+        per_object = total / reporting.clamp_min(1.0)
+        if self.object_reduction == "objects":
+            located = excess.new_zeros(count).index_add(0, owners, torch.ones_like(excess)) > 0
+            return per_object[located].mean()
         still_reported = reporting > 0
         if not bool(still_reported.any()):
             return excess.sum()  # zero, with the graph kept
-        return (total[still_reported] / reporting[still_reported]).mean()
+        return per_object[still_reported].mean()
 
     def training_loss(self, pl_module: pl.LightningModule, batch: Any, context: StepContext) -> StepLoss:
         if not isinstance(batch, Mapping):

@@ -265,34 +265,47 @@ def test_detection_objective_object_term_errors():
         objective.check_module(TinyDetector())
 
 
-def test_object_term_reduced_over_the_objects_still_reported():
+def test_object_term_reduced_per_object():
     log_probs = torch.tensor([-1.0, -2.0, -4.0, -3.5, -0.5, -5.0], requires_grad=True)
     owners = torch.tensor([0, 0, 0, 1, 2, 2])
     # bound 3: excesses 2, 1, 0 | 0 | 2.5, 0. Object 0: (2 + 1) / 2 reporting places = 1.5; object 1 is reported
-    # nowhere (left out); object 2: 2.5 / 1 = 2.5. Mean over the two reported objects: 2.0
-    objective = DetectionObjective(object_bound=3.0, object_reduction="objects")
-    term = objective.object_term(log_probs, owners)
+    # nowhere: 0; object 2: 2.5 / 1 = 2.5.
+    # "reported": the mean over the two objects still reported, 2.0
+    reported = DetectionObjective(object_bound=3.0, object_reduction="reported")
+    term = reported.object_term(log_probs, owners)
     assert term.item() == pytest.approx(2.0)
     term.backward()
     assert torch.allclose(log_probs.grad, torch.tensor([0.25, 0.25, 0.0, 0.0, 0.5, 0.0]))
+    # "objects": the mean over all three objects, 4 / 3; each object's push is a third
+    log_probs.grad = None
+    objects = DetectionObjective(object_bound=3.0, object_reduction="objects")
+    term = objects.object_term(log_probs, owners)
+    assert term.item() == pytest.approx(4.0 / 3.0)
+    term.backward()
+    assert torch.allclose(log_probs.grad, torch.tensor([1 / 6, 1 / 6, 0.0, 0.0, 1 / 3, 0.0]))
+    # an object number with no location at all (object 3 here) is not counted
+    skipped = objects.object_term(log_probs.detach(), torch.tensor([0, 0, 0, 1, 4, 4]))
+    assert skipped.item() == pytest.approx(4.0 / 3.0)
     # the earlier reduction: the mean over all six places, so the three reporting places share 1/6 each
     places = DetectionObjective(object_bound=3.0).object_term(log_probs.detach(), owners)
     assert places.item() == pytest.approx(5.5 / 6)
-    done = objective.object_term(torch.tensor([-3.5, -4.0]), torch.tensor([0, 1]))
-    assert done.item() == 0
+    for objective in (reported, objects):
+        done = objective.object_term(torch.tensor([-3.5, -4.0]), torch.tensor([0, 1]))
+        assert done.item() == 0
     with pytest.raises(ValueError, match="object_reduction must be one of"):
         DetectionObjective(object_bound=3.0, object_reduction="max")
     with pytest.raises(ValueError, match="needs the object of each log-probability"):
-        objective.object_term(torch.tensor([-1.0, -2.0]), None)
+        reported.object_term(torch.tensor([-1.0, -2.0]), None)
 
 
 def test_object_reduction_objects_needs_the_object_index():
     model = ObjectTinyDetector().eval()
     (images_r, targets_r), (images_f, targets_f) = _detection_batch()
     forgotten = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets_f]
-    objective = DetectionObjective(object_bound=3.0, object_reduction="objects")
-    with pytest.raises(TypeError, match="'object_index'.*object_reduction='places'"):
-        objective.parts(model, images_f, forgotten, forgotten)
+    for reduction in ("objects", "reported"):
+        objective = DetectionObjective(object_bound=3.0, object_reduction=reduction)
+        with pytest.raises(TypeError, match=f"reduction='{reduction}'.*'object_index'.*object_reduction='places'"):
+            objective.parts(model, images_f, forgotten, forgotten)
     # reported share: objects whose best location is above -bound, among the objects with a location
     share = reported_share(torch.tensor([-1.0, -5.0, -4.0, -0.1]), torch.tensor([0, 0, 1, 3]), 3.0)
     assert share.item() == pytest.approx(2 / 3)
