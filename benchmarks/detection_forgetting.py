@@ -488,7 +488,7 @@ def write_report(args: argparse.Namespace, before: list[dict], results: dict, pr
 def merge(args: argparse.Namespace) -> None:
     """One report from runs of the same settings that ran different methods (e.g. in parallel processes)."""
     runs = [json.loads((Path(folder) / "results.json").read_text()) for folder in args.merge]
-    ignored = {"methods", "out", "merge"}
+    ignored = {"methods", "out", "merge", "train_log"}  # what ran and where it wrote, not how
     settings = [{k: v for k, v in run["args"].items() if k not in ignored} for run in runs]
     if any(s != settings[0] for s in settings[1:]):
         differing = sorted(k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:]))
