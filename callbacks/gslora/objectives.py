@@ -441,8 +441,8 @@ class DetectionObjective(TaskObjective):
         owners = losses.get(OBJECT_INDEX)
         if objects is not None and self.object_reduction != "places" and not isinstance(owners, torch.Tensor):
             raise TypeError(
-                f"DetectionObjective(object_reduction={self.object_reduction!r}) needs {type(pl_module).__name__}.forgetting_losses("
-                f"images, targets, objects=...) to return also {OBJECT_INDEX!r} (the object, numbered over the batch, "
+                f"DetectionObjective(object_reduction={self.object_reduction!r}) needs "
+                f"{type(pl_module).__name__}.forgetting_losses(images, targets, objects=...) to return also {OBJECT_INDEX!r} (the object, numbered over the batch, "
                 f"of each value of {OBJECT_LOG_PROBS!r}); got {describe(losses)}; return it, or use "
                 "object_reduction='places'"
             )
