@@ -166,7 +166,7 @@ def detection_objective(args: argparse.Namespace, paper: bool = False) -> Detect
     if paper:
         return DetectionObjective(bound=args.paper_bound, mode="bounded")
     return DetectionObjective(bound=args.paper_bound, mode=args.mode, object_bound=args.object_bound,
-                              object_reduction=args.object_reduction)
+                              object_reduction=args.object_reduction, old_objects=args.old_objects)
 
 
 def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
@@ -348,7 +348,8 @@ def how_run(args: argparse.Namespace) -> list[str]:
         "a step sees a retain batch and a forget batch; an epoch is one pass over the longer of the two sets.",
         f"- `gslora`: LoRA rank {args.rank} on {target}, AdamW lr {args.lr:g} (cosine), wd 0.05, beta {args.beta:g}, "
         f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g}, "
-        f"object_reduction='{getattr(args, 'object_reduction', 'places')}')`, group lasso "
+        f"object_reduction='{getattr(args, 'object_reduction', 'places')}', "
+        f"old_objects='{getattr(args, 'old_objects', 'pooled')}')`, group lasso "
         f"{args.alpha:g}, early_stop={args.early_stop} (AP_f on validation <= 10 % of before, then "
         f"{args.cooldown} cool-down epochs), at most {args.task_epochs} epochs per task.",
         f"- `gslora-paper`: the same with `DetectionObjective(bound={args.paper_bound:g}, mode='bounded')`, beta "
@@ -392,6 +393,8 @@ def main() -> None:
                              "objects' class log-probabilities")
     parser.add_argument("--object-reduction", choices=("places", "objects", "reported"), default="places",
                         help="gslora/finetune: DetectionObjective(object_reduction=...)")
+    parser.add_argument("--old-objects", choices=("separate", "pooled", "background"), default="separate",
+                        help="DetectionObjective(old_objects=...): the object term on earlier tasks' categories")
     parser.add_argument("--train-log", action="store_true",
                         help="write each GS-LoRA run's per-step training values (CSV) to --out/<method>/train_log")
     parser.add_argument("--beta", type=float, default=0.2)

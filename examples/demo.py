@@ -10,8 +10,8 @@
    identities (100 LFW faces from scikit-image, each its own identity, augmented views): closed-set identification
    on held-out views of 80 trained faces, verification on 20 faces it never saw.
 
-Extra command-line arguments override the two MNIST training recipes, e.g. ``python examples/demo.py --trainer.max_epochs=5``;
-``--threads N`` (default 2) sets the torch threads. The figures depend on it (and on the CPU code path, pinned to
+Extra command-line arguments override the two MNIST training recipes, e.g.
+``python examples/demo.py --trainer.max_epochs=5``; ``--threads N`` (default 2) sets the torch threads. The figures depend on it (and on the CPU code path, pinned to
 AVX2 here, see :mod:`lightning_plugins.reproducible`), so they are printed with it.
 """
 
@@ -42,7 +42,8 @@ def main(argv: list[str]) -> None:
     print("\n== 2/4: the same recipe in FP8, precision=fp8-msamp (examples/configs/vit_mnist5k_fp8.yaml) ==")
     fp8 = fit_and_test(CONFIGS / "vit_mnist5k_fp8.yaml", argv)
     print_training_table({"32-true": fp32, "fp8-msamp (O2)": fp8})
-    print("\n== 3/4: forget digits {0,1}, then {2,3}, then {4,5} with GS-LoRA (examples/configs/gslora_mnist5k.yaml) ==")
+    print("\n== 3/4: forget digits {0,1}, then {2,3}, then {4,5} with GS-LoRA "
+          "(examples/configs/gslora_mnist5k.yaml) ==")
     print("accuracies in %: f = classes forgotten in this task, r = retained classes, o = classes forgotten earlier")
     forget_from_config(CONFIGS / "gslora_mnist5k.yaml", [f"--pretrained={WEIGHTS}"])
     print("\n== 4/4: face recognition on 100 LFW faces as instance identities (examples/configs/face_train.yaml) ==")

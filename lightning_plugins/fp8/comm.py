@@ -256,7 +256,9 @@ def register_fp8_comm_hook(
         fmt: the FP8 wire format, ``"e4m3"`` or ``"e5m2"``.
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
-        raise TypeError(f"register_fp8_comm_hook expects a DistributedDataParallel model, got {type(ddp_model).__name__}.")
+        raise TypeError(
+            f"register_fp8_comm_hook expects a DistributedDataParallel model, got {type(ddp_model).__name__}."
+        )
     state = FP8CommHookState(ddp_model.process_group, fp8_params, fmt)
     try:
         ddp_model.register_comm_hook(state, fp8_comm_hook)

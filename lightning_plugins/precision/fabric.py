@@ -153,7 +153,8 @@ class MSAMPFabricPrecision(FabricPrecision):
             exp_avg_dtype, exp_avg_sq_dtype, master_weights
         )
         self.sqrt_exp_avg_sq = bool(sqrt_exp_avg_sq)
-        self.checkpoint_format = settings.check_choice("checkpoint_format", checkpoint_format, settings.CHECKPOINT_FORMATS)
+        self.checkpoint_format = settings.check_choice("checkpoint_format", checkpoint_format,
+                                                       settings.CHECKPOINT_FORMATS)
         self.restore_layers = settings.check_bool("restore_layers", restore_layers)
         self.log_fp8_stats = settings.check_choice("log_fp8_stats", log_fp8_stats, settings.STAT_MODES)
         self.skipped_steps = 0
@@ -355,7 +356,8 @@ class MSAMPFabricPrecision(FabricPrecision):
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
             raise TypeError(
                 f"MSAMPPrecision(level={self.level!r}) keeps Adam's moments in FP8/FP16 and needs torch.optim.Adam or "
-                f"torch.optim.AdamW, got {type(optimizer).__module__}.{type(optimizer).__qualname__}. Return Adam/AdamW "
+                f"torch.optim.AdamW, got {type(optimizer).__module__}.{type(optimizer).__qualname__}. "
+                "Return Adam/AdamW "
                 "from configure_optimizers, or use level='O1' (FP8 compute and communication, any optimizer)."
             )
         # An optimizer of adapters over frozen FP8 layers (e.g. LoRA) owns no FP8 weight: FP8 moments, no masters.

@@ -39,7 +39,11 @@ from torch.optim import LBFGS, Optimizer
 from lightning_plugins.fp8 import count_saturation, fp8_linear_weights, rebind_lr_schedulers
 from lightning_plugins.fp8.comm import register_fp8_comm_hook
 from lightning_plugins.fp8.optim import _FP8AdamBase
-from lightning_plugins.precision.checkpoint import is_fp8_optimizer_state, to_portable_checkpoint, to_torch_optimizer_state
+from lightning_plugins.precision.checkpoint import (
+    is_fp8_optimizer_state,
+    to_portable_checkpoint,
+    to_torch_optimizer_state,
+)
 from lightning_plugins.precision.fabric import MSAMPFabricPrecision
 from lightning_plugins.precision.fp8_stats import conversion_summary, write_conversion_report
 

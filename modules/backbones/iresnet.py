@@ -130,7 +130,8 @@ class IResNet(nn.Module):
 
 
 def allowed_image_sizes(num_stages: int, up_to: int = 224) -> list[int]:
-    """Input sides an IResNet with ``num_stages`` stages accepts, up to ``up_to`` (all multiples of ``2**num_stages``)."""
+    """Input sides an IResNet with ``num_stages`` stages accepts, up to ``up_to`` (the multiples of
+    ``2**num_stages``)."""
     step = 2**num_stages
     return list(range(step, up_to + 1, step))
 

@@ -300,7 +300,9 @@ def _build_timm(model_name: str, in_channels: int = 3, weights_path: Optional[st
         )
     for reserved in ("num_classes", "in_chans"):
         if reserved in kwargs:
-            raise TypeError(f"timm:{model_name}: {reserved} is set by the registry (num_classes=0, in_chans=in_channels)")
+            raise TypeError(
+                f"timm:{model_name}: {reserved} is set by the registry (num_classes=0, in_chans=in_channels)"
+            )
     model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs)
     if weights_path is not None:
         own = model.state_dict()

@@ -311,6 +311,56 @@ def test_object_reduction_objects_needs_the_object_index():
     assert share.item() == pytest.approx(2 / 3)
 
 
+class IndexedObjectTinyDetector(ObjectTinyDetector):
+    """``ObjectTinyDetector`` that also numbers the object of each log-probability (one value per object)."""
+
+    def forgetting_losses(self, images, targets, objects=None):
+        out = super().forgetting_losses(images, targets, objects)
+        if objects is not None:
+            out["object_index"] = torch.arange(sum(len(t["labels"]) for t in objects))
+        return out
+
+
+def _second_task_batch():
+    """A second-task batch of the squares data: class 0 forgotten earlier (old), class 1 now, class 2 retained."""
+    data = SquaresDataset(12, 5)
+    retain = [data[i] for i in range(4)]
+    forget = [data[i] for i in range(4, 12)]
+    forget_targets = [filter_target(t, [0, 1], extra=[2]) for _, t in forget]
+    batch = {"retain": ([i for i, _ in retain], [filter_target(t, [2]) for _, t in retain]),
+             "forget": ([i for i, _ in forget], forget_targets)}
+    return batch, [i for i, _ in forget], [{"boxes": t["boxes"], "labels": t["labels"]} for t in forget_targets]
+
+
+@pytest.mark.parametrize("old_objects", ["separate", "pooled", "background"])
+def test_object_term_on_old_categories(old_objects):
+    torch.manual_seed(0)
+    model = IndexedObjectTinyDetector().eval()
+    batch, images_f, forgotten = _second_task_batch()
+    labels = torch.cat([t["labels"] for t in forgotten])
+    assert (labels == 0).any() and (labels == 1).any()  # the batch holds old and current objects
+    objective = DetectionObjective(mode="bounded", object_bound=3.0, old_objects=old_objects)
+    loss = objective.training_loss(model, batch, _context(view([[0], [1]], 1), [], beta=0.25, alpha=0.0))
+    # by hand: one value per object; the current (1) and the old (0) objects' excesses
+    excess = F.relu(3.0 + model.forgetting_losses(images_f, forgotten, objects=forgotten)["object_log_probs"])
+    current, old = excess[labels == 1], excess[labels == 0]
+    expected = {"separate": current.mean() + old.mean(), "pooled": excess.mean(), "background": current.mean()}
+    assert torch.allclose(loss.forget, expected[old_objects], atol=1e-6), (loss.forget, expected)
+    assert float(current.mean().detach()) > 0 and float(old.mean().detach()) > 0
+    # on a first task (nothing old) the three are the same term
+    first = objective.training_loss(model, batch, _context(view([[0, 1]], 0), [], beta=0.25, alpha=0.0))
+    assert torch.allclose(first.forget, excess.mean(), atol=1e-6)
+
+
+def test_old_objects_separate_needs_the_object_index():
+    batch, _, _ = _second_task_batch()
+    objective = DetectionObjective(mode="bounded", object_bound=3.0)
+    with pytest.raises(ValueError, match="old_objects='separate'.*'object_index'.*old_objects='pooled'"):
+        objective.training_loss(ObjectTinyDetector().eval(), batch, _context(view([[0], [1]], 1), []))
+    with pytest.raises(ValueError, match="old_objects must be one of"):
+        DetectionObjective(object_bound=3.0, old_objects="drop")
+
+
 # ------------------------------------------------------------------------------------------------ detection data
 class HandBoxes(torch.utils.data.Dataset):
     """Five images with known objects (box i of image k is [k, i, k + 1, i + 1]); no fast label methods."""
