@@ -157,7 +157,7 @@ class UnmergedProbe(Callback):
 
 def forgetting_data(args: argparse.Namespace, data: COCODetectionDataModule) -> DetectionForgettingDataModule:
     return DetectionForgettingDataModule(data, replay_ratio=args.replay_ratio, forget_ratio=args.forget_ratio,
-                                         batch_size=args.batch_size, eval_batch_size=16, seed=args.seed,
+                                         batch_size=args.batch_size, eval_batch_size=16, seed=args.forget_seed,
                                          include_old=args.include_old)
 
 
@@ -170,14 +170,14 @@ def detection_objective(args: argparse.Namespace, paper: bool = False) -> Detect
 
 
 def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
-    pl.seed_everything(args.seed, verbose=False)
+    pl.seed_everything(args.forget_seed, verbose=False)
     model = fresh_model(args, state)
     fdata = forgetting_data(args, data)
     paper = name == "gslora-paper"
     beta, lr = (args.paper_beta, args.paper_lr) if paper else (args.beta, args.lr)
     callback = GSLoRA(args.tasks, objective=detection_objective(args, paper), target=TARGETS[args.target],
                       rank=args.rank, beta=beta, lr=lr, alpha=args.alpha, weight_decay=0.05,
-                      early_stop=args.early_stop, stop_cooldown=args.cooldown, seed=args.seed,
+                      early_stop=args.early_stop, stop_cooldown=args.cooldown, seed=args.forget_seed,
                       output_dir=str(args.out / name), plots=True)
     probe = UnmergedProbe(data.test_set, lambda: view(args.tasks, callback.task_index))
     rows = []
@@ -240,7 +240,7 @@ def is_head(name: str) -> bool:
 
 
 def run_finetune(args: argparse.Namespace, data, state) -> list[dict]:
-    pl.seed_everything(args.seed, verbose=False)
+    pl.seed_everything(args.forget_seed, verbose=False)
     model = fresh_model(args, state)
     fdata = forgetting_data(args, data)
     fdata.setup("fit")
@@ -333,13 +333,22 @@ def plot(results: dict, before: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _forget_seed(args: argparse.Namespace) -> int:
+    return getattr(args, "forget_seed", None) if getattr(args, "forget_seed", None) is not None else args.seed
+
+
+def _forget_seed_flag(args: argparse.Namespace) -> str:
+    return f" `--forget-seed {_forget_seed(args)}`" if _forget_seed(args) != args.seed else ""
+
+
 def how_run(args: argparse.Namespace) -> list[str]:
     target = "FFN (`blocks.N.mlp.fc1/fc2`)" if args.target == "ffn" else "FFN + attention (`qkv`, `proj`)"
     return [
         "## How this was run", "",
         f"`python benchmarks/detection_forgetting.py --out <dir> --threads {args.threads} --seed {args.seed}`"
-        + (" `--quick`" if args.quick else ""),
-        f"(tasks {args.tasks}; methods {args.methods}), on CPU with {args.threads} torch thread(s), seed {args.seed}.",
+        + (" `--quick`" if args.quick else "") + _forget_seed_flag(args),
+        f"(tasks {args.tasks}; methods {args.methods}), on CPU with {args.threads} torch thread(s), seed {args.seed}"
+        f"{'' if _forget_seed(args) == args.seed else f' (forgetting: seed {_forget_seed(args)})'}.",
         "",
         f"- model: FCOS-TE, `ObjectDetector({model_kwargs(args)})`, pretrained {args.pretrain_steps} steps "
         f"(batch {args.pretrain_batch_size}, lr {args.pretrain_lr:g}, seed {args.seed}).",
@@ -405,6 +414,9 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forget-seed", type=int, default=None,
+                        help="seed of the forgetting runs only (data subsets, order, LoRA init; default --seed): "
+                             "varies them on the same scenes and pretrained weights")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="no training: write one report to --out from the results.json of these runs")
@@ -415,6 +427,8 @@ def main() -> None:
         args.pretrain_steps, args.pretrain_lr, args.tasks = 40, 2e-3, "0"
         args.task_epochs, args.finetune_epochs, args.early_stop = 1, 1, False
     args.tasks = [[int(c) for c in task.split(",")] for task in args.tasks.split(";")]
+    if args.forget_seed is None:
+        args.forget_seed = args.seed
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
