@@ -166,7 +166,8 @@ def detection_objective(args: argparse.Namespace, paper: bool = False) -> Detect
     if paper:
         return DetectionObjective(bound=args.paper_bound, mode="bounded")
     return DetectionObjective(bound=args.paper_bound, mode=args.mode, object_bound=args.object_bound,
-                              object_reduction=args.object_reduction, old_objects=args.old_objects)
+                              object_reduction=args.object_reduction, old_objects=args.old_objects,
+                              old_weight=args.old_weight)
 
 
 def run_gslora(args: argparse.Namespace, data, state, name: str) -> list[dict]:
@@ -333,6 +334,11 @@ def plot(results: dict, before: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _old_weight(args: argparse.Namespace) -> str:
+    weight = getattr(args, "old_weight", 1.0)
+    return "" if weight == 1.0 else f", old_weight={weight:g}"
+
+
 def _forget_seed(args: argparse.Namespace) -> int:
     return getattr(args, "forget_seed", None) if getattr(args, "forget_seed", None) is not None else args.seed
 
@@ -358,7 +364,8 @@ def how_run(args: argparse.Namespace) -> list[str]:
         f"- `gslora`: LoRA rank {args.rank} on {target}, AdamW lr {args.lr:g} (cosine), wd 0.05, beta {args.beta:g}, "
         f"`DetectionObjective(mode='{args.mode}', object_bound={args.object_bound:g}, "
         f"object_reduction='{getattr(args, 'object_reduction', 'places')}', "
-        f"old_objects='{getattr(args, 'old_objects', 'pooled')}')`, group lasso "
+        f"old_objects='{getattr(args, 'old_objects', 'pooled')}'"
+        f"{_old_weight(args)})`, group lasso "
         f"{args.alpha:g}, early_stop={args.early_stop} (AP_f on validation <= 10 % of before, then "
         f"{args.cooldown} cool-down epochs), at most {args.task_epochs} epochs per task.",
         f"- `gslora-paper`: the same with `DetectionObjective(bound={args.paper_bound:g}, mode='bounded')`, beta "
@@ -404,6 +411,8 @@ def main() -> None:
                         help="gslora/finetune: DetectionObjective(object_reduction=...)")
     parser.add_argument("--old-objects", choices=("separate", "pooled", "background"), default="separate",
                         help="DetectionObjective(old_objects=...): the object term on earlier tasks' categories")
+    parser.add_argument("--old-weight", type=float, default=1.0,
+                        help="DetectionObjective(old_weight=...): weight of the old objects' term ('separate')")
     parser.add_argument("--train-log", action="store_true",
                         help="write each GS-LoRA run's per-step training values (CSV) to --out/<method>/train_log")
     parser.add_argument("--beta", type=float, default=0.2)

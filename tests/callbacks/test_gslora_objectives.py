@@ -350,6 +350,10 @@ def test_object_term_on_old_categories(old_objects):
     # on a first task (nothing old) the three are the same term
     first = objective.training_loss(model, batch, _context(view([[0, 1]], 0), [], beta=0.25, alpha=0.0))
     assert torch.allclose(first.forget, excess.mean(), atol=1e-6)
+    if old_objects == "separate":  # the old objects' mean weighted
+        weighted = DetectionObjective(mode="bounded", object_bound=3.0, old_weight=0.4)
+        loss = weighted.training_loss(model, batch, _context(view([[0], [1]], 1), [], beta=0.25, alpha=0.0))
+        assert torch.allclose(loss.forget, current.mean() + 0.4 * old.mean(), atol=1e-6)
 
 
 def test_old_objects_separate_needs_the_object_index():
@@ -359,6 +363,8 @@ def test_old_objects_separate_needs_the_object_index():
         objective.training_loss(ObjectTinyDetector().eval(), batch, _context(view([[0], [1]], 1), []))
     with pytest.raises(ValueError, match="old_objects must be one of"):
         DetectionObjective(object_bound=3.0, old_objects="drop")
+    with pytest.raises(ValueError, match="old_weight must be >= 0, got -1"):
+        DetectionObjective(object_bound=3.0, old_weight=-1)
 
 
 # ------------------------------------------------------------------------------------------------ detection data
