@@ -340,21 +340,21 @@ def _old_weight(args: argparse.Namespace) -> str:
 
 
 def _forget_seed(args: argparse.Namespace) -> int:
-    return getattr(args, "forget_seed", None) if getattr(args, "forget_seed", None) is not None else args.seed
-
-
-def _forget_seed_flag(args: argparse.Namespace) -> str:
-    return f" `--forget-seed {_forget_seed(args)}`" if _forget_seed(args) != args.seed else ""
+    """``--forget-seed`` (runs merged from before the flag existed used ``--seed``)."""
+    seed = getattr(args, "forget_seed", None)
+    return args.seed if seed is None else seed
 
 
 def how_run(args: argparse.Namespace) -> list[str]:
     target = "FFN (`blocks.N.mlp.fc1/fc2`)" if args.target == "ffn" else "FFN + attention (`qkv`, `proj`)"
+    forget_seed = _forget_seed(args)
+    own_seed = forget_seed != args.seed
     return [
         "## How this was run", "",
         f"`python benchmarks/detection_forgetting.py --out <dir> --threads {args.threads} --seed {args.seed}`"
-        + (" `--quick`" if args.quick else "") + _forget_seed_flag(args),
+        + (" `--quick`" if args.quick else "") + (f" `--forget-seed {forget_seed}`" if own_seed else ""),
         f"(tasks {args.tasks}; methods {args.methods}), on CPU with {args.threads} torch thread(s), seed {args.seed}"
-        f"{'' if _forget_seed(args) == args.seed else f' (forgetting: seed {_forget_seed(args)})'}.",
+        + (f" (forgetting: seed {forget_seed})" if own_seed else "") + ".",
         "",
         f"- model: FCOS-TE, `ObjectDetector({model_kwargs(args)})`, pretrained {args.pretrain_steps} steps "
         f"(batch {args.pretrain_batch_size}, lr {args.pretrain_lr:g}, seed {args.seed}).",

@@ -370,7 +370,7 @@ class DetectionObjective(TaskObjective):
             they are unlabelled, holds them down). Why: old objects are already under the bound, so in a pooled
             mean their zeros dilute the push on the current task's objects (second task of the embedded
             benchmark: 18 % of its AP left, against 3 % when the same categories are forgotten first).
-            ``"separate"`` and ``"background"`` need ``"object_index"`` from ``forgetting_losses``.
+            ``"separate"`` needs ``"object_index"`` from ``forgetting_losses`` when old objects are present.
         old_weight: with ``old_objects="separate"``, the weight of the old objects' mean (the current task's has
             weight 1). Without any term on them (``"background"``) the first task's digits come back in the
             benchmark (AP_o 37 after the second task); a smaller weight leaves more of the LoRA's capacity to the
