@@ -335,8 +335,8 @@ def plot(results: dict, before: list[dict], path: Path) -> None:
 
 
 def _old_weight(args: argparse.Namespace) -> str:
-    weight = getattr(args, "old_weight", 1.0)
-    return "" if weight == 1.0 else f", old_weight={weight:g}"
+    """``old_weight`` as run (runs merged from before the flag existed used 1.0)."""
+    return f", old_weight={getattr(args, 'old_weight', 1.0):g}"
 
 
 def _forget_seed(args: argparse.Namespace) -> int:
@@ -411,7 +411,7 @@ def main() -> None:
                         help="gslora/finetune: DetectionObjective(object_reduction=...)")
     parser.add_argument("--old-objects", choices=("separate", "pooled", "background"), default="separate",
                         help="DetectionObjective(old_objects=...): the object term on earlier tasks' categories")
-    parser.add_argument("--old-weight", type=float, default=1.0,
+    parser.add_argument("--old-weight", type=float, default=0.5,
                         help="DetectionObjective(old_weight=...): weight of the old objects' term ('separate')")
     parser.add_argument("--train-log", action="store_true",
                         help="write each GS-LoRA run's per-step training values (CSV) to --out/<method>/train_log")
