@@ -345,7 +345,7 @@ def test_object_term_on_old_categories(old_objects):
     excess = F.relu(3.0 + model.forgetting_losses(images_f, forgotten, objects=forgotten)["object_log_probs"])
     current, old = excess[labels == 1], excess[labels == 0]
     expected = {"separate": current.mean() + 0.5 * old.mean(),  # old_weight 0.5 by default
-                 "pooled": excess.mean(), "background": current.mean()}
+                "pooled": excess.mean(), "background": current.mean()}
     assert torch.allclose(loss.forget, expected[old_objects], atol=1e-6), (loss.forget, expected)
     assert float(current.mean().detach()) > 0 and float(old.mean().detach()) > 0
     # on a first task (nothing old) the three are the same term
